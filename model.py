@@ -83,7 +83,7 @@ class UNet(nn.Module):
             raise ValueError(f"img_size={img_size} must be divisible by {2 ** (len(ch_mult) - 1)} for {len(ch_mult)} levels")
         if any(r not in resolutions for r in attn_res):
             raise ValueError(f"attn_res={tuple(attn_res)} must be among the resolutions {resolutions}")
-        self.num_classes, self.ch = num_classes, ch
+        self.num_classes, self.ch, self.img_size = num_classes, ch, img_size
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(num_classes + 1, emb_dim)  # the last row is the null class
