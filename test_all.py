@@ -80,6 +80,32 @@ def test_ddim_recovers_gaussian_data(kind, eta, tol):
     assert std_errors[2] < tol
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_three_ddim_steps_match_their_closed_form(kind, eta):
+    """With the exact Gaussian predictor every DDIM step is affine in z, so the output's mean and std after
+    3 steps on the uniform grid 1, 2/3, 1/3, 0 follow exactly; eta's noise written in DDPM's alpha_bar form."""
+    mu, s, sch = 0.3, 0.5, Schedule(kind)
+    alpha, sigma = (v.tolist() for v in sch.alpha_sigma(torch.tensor([1, 2 / 3, 1 / 3, 0], dtype=torch.float64)))
+    mean, var = 0.0, 1.0  # of z_1
+    for i in range(3):
+        k = sigma[i] / (alpha[i] ** 2 * s**2 + sigma[i] ** 2)  # eps = k (z - alpha mu)
+        x0_gain, x0_offset = (1 - sigma[i] * k) / alpha[i], sigma[i] * k * mu  # x0 = x0_gain z + x0_offset
+        if i == 2:
+            mean, var = x0_gain * mean + x0_offset, x0_gain**2 * var
+            break
+        ab_t, ab_s = alpha[i] ** 2, alpha[i + 1] ** 2
+        c2 = eta**2 * (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)  # DDPM's posterior variance beta~, times eta^2
+        d = math.sqrt(1 - ab_s - c2)
+        gain = alpha[i + 1] * x0_gain + d * k
+        mean = gain * mean + alpha[i + 1] * x0_offset - d * k * alpha[i] * mu
+        var = gain**2 * var + c2
+    x = ddim_sample(gaussian_eps_model(sch, mu, s), sch, torch.zeros(4, dtype=torch.long), (4, 1, 100, 100),
+                    steps=3, eta=eta, null_class=10, generator=torch.Generator().manual_seed(0))
+    assert abs(x.std().item() / math.sqrt(var) - 1) < 0.02
+    assert abs(x.mean().item() - mean) < 4 * math.sqrt(var / x.numel())
+
+
 # ---- diffusion.py: guidance wiring and randomness ----
 
 
