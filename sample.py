@@ -1,22 +1,88 @@
-"""Guided DDIM sampling from a checkpoint written by train.py."""
+"""Guided DDIM sampling from a train.py checkpoint: python sample.py --ckpt runs/aligned-w2/ckpt.pt --w 5 --steps 50
+
+writes grid.png (one row per class) and samples.npz (OpenAI ADM's format: arr_0 uint8 [N, H, W, 3], arr_1 labels) to
+--out. load_checkpoint, effective_to_sampling_w, balanced_labels and sample_images need no argparse (sweep.py uses them).
+"""
+import argparse
 import contextlib
 import os
+import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-from diffusion import ddim_sample
+from diffusion import Schedule, ddim_sample
+from model import UNet
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or not written by this project's train.py."""
+
+
+def load_checkpoint(path, device="cpu", ema=True):
+    """(model, config) from a train.py checkpoint, the EMA weights unless ema=False, in eval mode on device.
+
+    Raises CheckpointError, with a one-line message, for a missing, unreadable or foreign file.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    except Exception as e:  # torch.load's messages run to many lines and suggest weights_only=False: name the error only
+        raise CheckpointError(f"{path} is not a checkpoint of this project (torch.load: {type(e).__name__})") from e
+    try:
+        config = ckpt["config"]
+        if config["loss"] not in ("standard", "aligned") or len(config["class_names"]) != config["unet"]["num_classes"]:
+            raise ValueError(f"loss {config['loss']!r} with {len(config['class_names'])} class names")
+        Schedule(config["schedule"])
+        model = UNet(**config["unet"])
+        model.load_state_dict(ckpt["ema" if ema else "model"])
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path} is not a checkpoint of this project ({type(e).__name__}: {reason})") from e
+    model = model.to(device).eval().requires_grad_(False)
+    if torch.device(device).type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, config
+
+
+def effective_to_sampling_w(config, w_eff):
+    """The sampling w whose effective guidance is w_eff. Sampled at w, an aligned checkpoint trained at w_t has effective
+    guidance (w - w_t) / (1 + w_t) (see losses.py), so w = w_t + w_eff (1 + w_t); a standard one has w = w_eff."""
+    w_t = config["w"] if config["loss"] == "aligned" else 0.0
+    return w_t + w_eff * (1 + w_t)
+
+
+def balanced_labels(n, classes):
+    """n int64 labels cycling through classes (class ids, or a count k for 0..k-1): every prefix is balanced, and
+    label i does not depend on n, so the first images of a long run are those of a short one."""
+    classes = range(classes) if isinstance(classes, int) else classes
+    return np.resize(np.asarray(classes, dtype=np.int64), n)
+
+
+def class_grid(images, rows, max_cols=100):
+    """(tiles, nrow) for save_grid: images in balanced_labels order over `rows` classes, one row per class, black
+    where a row runs short; at most max_cols per row, so a 50,000-image run still gives a viewable grid."""
+    cols = min(-(-len(images) // rows), max_cols)
+    tiles = np.zeros((cols * rows, *images.shape[1:]), np.uint8)
+    tiles[:len(images[:cols * rows])] = images[:cols * rows]
+    return tiles.reshape(cols, rows, *images.shape[1:]).swapaxes(0, 1).reshape(-1, *images.shape[1:]), cols
 
 
 def write_atomic(path, write):
     """Write a file through write(f) to a temporary name, then rename it: a crash leaves the old file or the new one."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: leave no half-written temporary behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def save_grid(images, path, nrow):
@@ -31,11 +97,13 @@ def save_grid(images, path, nrow):
 
 @torch.no_grad()
 def sample_images(model, schedule, labels, *, null_class, w=0.0, steps=50, eta=0.0, clip_x0=True, seed=0,
-                  batch_size=256, device="cpu", amp="none"):
+                  batch_size=None, device="cpu", amp="none", progress=None):
     """Draw one image per label, as uint8 [N, H, W, 3]; image i comes from its own generator seeded seed + i.
 
     The generators live on the CPU, so the starting noise of image i is the same on every device and
-    for every batch size.
+    for every batch size. That makes it safe to halve the batch and retry on CUDA out-of-memory, so the
+    default batch_size=None starts large there, at 1024; on CPU it is 8, where small batches run fastest.
+    progress(done, total) runs after each batch.
     """
     device = torch.device(device)
     size = (3, model.img_size, model.img_size)
@@ -50,11 +118,83 @@ def sample_images(model, schedule, labels, *, null_class, w=0.0, steps=50, eta=0
             return model(z, t, y)
 
     labels = torch.as_tensor(labels, dtype=torch.long)
-    out = []
-    for start in range(0, len(labels), batch_size):
+    if w == -1:  # (1 + w) eps(z, c) - w eps(z, null) is eps(z, null) alone: skip the conditional half of the batch
+        labels, w = torch.full_like(labels, null_class), 0.0
+    batch_size = batch_size or (1024 if device.type == "cuda" else 8)
+    out, start = [], 0
+    while start < len(labels):
         y = labels[start:start + batch_size].to(device)
         gens = [torch.Generator().manual_seed(seed + i) for i in range(start, start + len(y))]
-        x = ddim_sample(eps_model, schedule, y, (len(y), *size), w=w, steps=steps, eta=eta,
-                        null_class=null_class, generator=gens, clip_x0=clip_x0)
+        try:
+            x = ddim_sample(eps_model, schedule, y, (len(y), *size), w=w, steps=steps, eta=eta,
+                            null_class=null_class, generator=gens, clip_x0=clip_x0)
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            continue
         out.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        start += len(y)
+        if progress is not None:
+            progress(start, len(labels))
     return np.concatenate(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Draw images with classifier-free guidance from a train.py checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--w", type=float, default=0.0, help="eps~ = (1+w) eps(z,c) - w eps(z,null); -1 is unconditional")
+    g.add_argument("--w-eff", type=float, help="effective guidance instead: an aligned checkpoint trained at w_t samples "
+                   "at w = w_t + w_eff (1 + w_t), a standard one at w = w_eff, so both losses compare at equal guidance")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=0.0, help="0 is deterministic DDIM, 1 adds DDPM's posterior noise")
+    p.add_argument("--no-clip", action="store_true", help="do not clamp the predicted clean image to [-1, 1] each step")
+    p.add_argument("--n", type=int, default=100, help="number of images")
+    p.add_argument("--classes", default="all", help="'all' or a comma list of ids or names (3,cat), cycled through")
+    p.add_argument("--batch-size", type=int, help="no effect on the images; None: 1024 on CUDA (halved on OOM), 8 on CPU")
+    p.add_argument("--seed", type=int, default=0, help="image i is drawn from a generator seeded seed + i")
+    p.add_argument("--out", default="samples", help="directory for grid.png and samples.npz")
+    p.add_argument("--png-dir", help="also write one PNG per image into this directory")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when there is one")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype; None: bf16 on CUDA, none on CPU")
+    p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA weights")
+    args = p.parse_args(argv)
+    for flag, value in ("--steps", args.steps), ("--n", args.n), ("--batch-size", args.batch_size):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    try:
+        model, config = load_checkpoint(args.ckpt, args.device, ema=not args.no_ema)
+    except CheckpointError as e:
+        p.error(str(e))
+    w = args.w if args.w_eff is None else effective_to_sampling_w(config, args.w_eff)
+    if w < -1:
+        p.error(f"{'--w' if args.w_eff is None else '--w-eff'} gives guidance w = {w:g} < -1 (-1 is unconditional)")
+    names = config["class_names"]
+    ids = {**{str(i): i for i in range(len(names))}, **{name: i for i, name in enumerate(names)}}
+    tokens = list(ids)[:len(names)] if args.classes == "all" else [t.strip() for t in args.classes.split(",")]
+    if unknown := [t for t in tokens if t not in ids]:
+        p.error(f"unknown class {unknown[0]!r}: use ids 0-{len(names) - 1} or names {','.join(names)}")
+    classes = [ids[t] for t in tokens]
+    labels = balanced_labels(args.n, classes)
+    amp = args.amp or ("bf16" if torch.device(args.device).type == "cuda" else "none")
+    print(f"{args.ckpt}: {config['loss']} loss, {args.n} images at w = {w:g}, {args.steps} steps on {args.device}")
+    t0 = time.time()
+    images = sample_images(model, Schedule(config["schedule"]), labels, null_class=config["unet"]["num_classes"], w=w,
+                           steps=args.steps, eta=args.eta, clip_x0=not args.no_clip, seed=args.seed,
+                           batch_size=args.batch_size, device=args.device, amp=amp,
+                           progress=lambda done, n: print(f"{done}/{n} images, {done / (time.time() - t0):.2f} images/s"))
+    os.makedirs(args.out, exist_ok=True)
+    tiles, nrow = class_grid(images, len(classes))
+    save_grid(tiles, os.path.join(args.out, "grid.png"), nrow)
+    write_atomic(os.path.join(args.out, "samples.npz"), lambda f: np.savez(f, arr_0=images, arr_1=labels))
+    if args.png_dir is not None:
+        os.makedirs(args.png_dir, exist_ok=True)
+        for i, img in enumerate(images):
+            write_atomic(os.path.join(args.png_dir, f"{i:06d}.png"), lambda f: Image.fromarray(img).save(f, "PNG"))
+    print(f"wrote {os.path.join(args.out, 'grid.png')} and {os.path.join(args.out, 'samples.npz')}")
+
+
+if __name__ == "__main__":
+    main()

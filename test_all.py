@@ -591,3 +591,444 @@ def test_fid_cli_in_a_subprocess(tmp_path):
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.strip().splitlines() == ["fid.py: error: samples/samples.npz: no such image folder or .npz "
                                                "file (the other inputs: cifar10-train, cifar10-test)"]
+
+
+# ---- sample.py ----
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from model import UNet
+
+_SAMPLE_CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _sample_write_checkpoint(path):
+    """An aligned (w_t = 2) checkpoint in train.py's layout: a 16x16 U-Net, its zero-initialised layers perturbed."""
+    torch.manual_seed(0)
+    unet = dict(num_classes=10, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_res=[8], dropout=0.0, img_size=16)
+    model = UNet(**unet)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ema = {k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    config = dict(loss="aligned", w=2.0, p_uncond=0.1, detach_uncond=False, schedule="cosine",
+                  class_names=_SAMPLE_CLASS_NAMES, unet=unet)
+    torch.save(dict(model=model.state_dict(), ema=ema, opt={}, step=7, config=config), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sample_ckpt(tmp_path_factory):
+    return str(_sample_write_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt.pt"))
+
+
+def _sample_run(ckpt, out, *args):
+    sample.main(["--ckpt", ckpt, "--out", str(out), "--steps", "3", *args])
+    with np.load(out / "samples.npz") as npz:
+        return npz["arr_0"], npz["arr_1"]
+
+
+def test_sample_writes_adm_npz_class_grid_and_pngs(sample_ckpt, tmp_path, capsys):
+    images, labels = _sample_run(sample_ckpt, tmp_path, "--n", "25", "--w", "2", "--png-dir", str(tmp_path / "png"))
+    assert "images/s" in capsys.readouterr().out
+    assert images.dtype == np.uint8 and images.shape == (25, 16, 16, 3)
+    assert labels.dtype.kind == "i" and labels.tolist() == list(range(10)) * 2 + [0, 1, 2, 3, 4]
+    assert images.min() < 64 and images.max() > 192 and len(np.unique(images.reshape(25, -1), axis=0)) == 25
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (10 * 16, 3 * 16, 3)  # one row per class, ceil(25 / 10) = 3 columns
+    tile = lambda r, c: grid[16 * r:16 * (r + 1), 16 * c:16 * (c + 1)]
+    assert np.array_equal(tile(3, 1), images[13]) and np.array_equal(tile(4, 2), images[24])
+    assert not tile(5, 2).any()  # class 5 has only two images: its third tile is blank
+    pngs = sorted((tmp_path / "png").iterdir())
+    assert len(pngs) == 25 and np.array_equal(np.asarray(Image.open(pngs[7])), images[7])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_sample_same_seed_same_images_for_any_batch_size(sample_ckpt, tmp_path):
+    args = ["--n", "8", "--classes", "3", "--w", "1", "--eta", "0.5"]
+    runs = [_sample_run(sample_ckpt, tmp_path / str(b), *args, "--seed", "5", "--batch-size", str(b))[0].astype(int)
+            for b in (1, 3, 8)]
+    assert np.abs(runs[0] - runs[1]).max() <= 1 and np.abs(runs[0] - runs[2]).max() <= 1
+    other_seed = _sample_run(sample_ckpt, tmp_path / "s6", *args, "--seed", "6")[0]
+    assert np.abs(other_seed[:7].astype(int) - runs[0][1:]).max() <= 1  # seed 6's image i is seed 5's image i + 1
+    assert np.abs(other_seed.astype(int) - runs[0]).max() > 50
+
+
+def test_sample_requested_classes_in_requested_proportions(sample_ckpt, tmp_path):
+    images, labels = _sample_run(sample_ckpt, tmp_path / "mix", "--n", "9", "--classes", "3,dog,3")
+    assert labels.tolist() == [3, 5, 3] * 3  # names resolve through the checkpoint; listed twice, twice the share
+    assert np.asarray(Image.open(tmp_path / "mix" / "grid.png")).shape == (3 * 16, 3 * 16, 3)
+    cats, _ = _sample_run(sample_ckpt, tmp_path / "cats", "--n", "9", "--classes", "cat")
+    diff = np.abs(images.astype(int) - cats).reshape(9, -1).max(axis=1)
+    assert (diff[[0, 2, 3, 5, 6, 8]] <= 1).all() and (diff[[1, 4, 7]] > 20).all()  # each image gets its own label
+    labels = sample.balanced_labels(25, 10)
+    assert np.bincount(labels).tolist() == [3] * 5 + [2] * 5 and labels[:10].tolist() == list(range(10))
+    assert sample.balanced_labels(4, [7, 2]).tolist() == [7, 2, 7, 2]
+
+
+def test_sample_w_eff_and_unconditional_w():
+    aligned = {"loss": "aligned", "w": 2.0}
+    for w_eff in (-1.0, 0.0, 0.5, 3.0):  # losses.py: sampled at w, its effective guidance is (w - w_t) / (1 + w_t)
+        w = sample.effective_to_sampling_w(aligned, w_eff)
+        assert abs((w - 2.0) / 3.0 - w_eff) < 1e-12
+    assert sample.effective_to_sampling_w({"loss": "standard", "w": None}, 1.5) == 1.5
+    torch.manual_seed(0)
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,), img_size=16, dropout=0.0).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    draw = lambda labels, w: sample.sample_images(model, sample.Schedule("linear"), labels, null_class=10, w=w, steps=2)
+    unconditional = draw([10, 10], 0.0)
+    assert np.abs(draw([3, 7], -1.0).astype(int) - unconditional).max() <= 1
+    assert np.abs(draw([3, 7], 0.0).astype(int) - unconditional).max() > 20
+
+
+def test_sample_halves_the_batch_on_out_of_memory(sample_ckpt, monkeypatch):
+    model, config = sample.load_checkpoint(sample_ckpt)
+    run = lambda bs: sample.sample_images(model, sample.Schedule("cosine"), [1, 2, 3, 4, 5], null_class=10, w=1.0,
+                                          steps=2, batch_size=bs, progress=lambda done, n: batches.append((done, n)))
+    batches = []
+    expected = run(2)
+    real = sample.ddim_sample
+
+    def small_memory(*args, **kw):
+        if args[3][0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sample, "ddim_sample", small_memory)
+    batches = []
+    assert np.array_equal(run(8), expected)
+    assert batches == [(2, 5), (4, 5), (5, 5)]
+
+
+def test_load_checkpoint_picks_ema_and_eval(sample_ckpt):
+    ckpt = torch.load(sample_ckpt, weights_only=True)
+    for ema, key in ((True, "ema"), (False, "model")):
+        model, config = sample.load_checkpoint(sample_ckpt, ema=ema)
+        assert not model.training and config["class_names"] == _SAMPLE_CLASS_NAMES
+        assert torch.equal(model.conv_out.weight, ckpt[key]["conv_out.weight"])
+    assert not torch.equal(ckpt["ema"]["conv_out.weight"], ckpt["model"]["conv_out.weight"])
+
+
+def test_write_atomic_keeps_the_old_file_when_interrupted(tmp_path):
+    path = tmp_path / "samples.npz"
+    path.write_bytes(b"old")
+
+    def interrupted(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample.write_atomic(str(path), interrupted)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["samples.npz"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ckpt", "MISSING"], "No such file"),
+    (["--ckpt", "DIR"], "cannot read checkpoint"),
+    (["--ckpt", "TEXT"], "not a checkpoint of this project"),
+    (["--ckpt", "FOREIGN"], "not a checkpoint of this project (KeyError: 'config')"),
+    (["--ckpt", "BROKEN"], "not a checkpoint of this project (RuntimeError"),
+    (["--classes", "3,dragon"], "unknown class 'dragon'"),
+    (["--classes", "10"], "unknown class '10'"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--n", "0"], "--n must be at least 1"),
+    (["--w", "-1.5"], "--w gives guidance w = -1.5 < -1"),
+    (["--w-eff", "-1.2"], "--w-eff gives guidance w = -1.6 < -1"),  # trained at w_t = 2: w = 2 - 1.2 * 3
+])
+def test_sample_bad_input_exits_2_with_one_line_message(args, message, sample_ckpt, tmp_path, capsys):
+    ckpts = {"MISSING": tmp_path / "nope.pt", "DIR": tmp_path, "TEXT": tmp_path / "notes.pt", "FOREIGN": tmp_path / "f.pt",
+             "BROKEN": tmp_path / "b.pt"}
+    (tmp_path / "notes.pt").write_text("not a checkpoint\n")
+    torch.save({"state_dict": {}}, tmp_path / "f.pt")
+    broken = torch.load(sample_ckpt, weights_only=True)
+    broken["ema"].pop("conv_out.bias")
+    torch.save(broken, tmp_path / "b.pt")
+    argv = ["--ckpt", sample_ckpt, "--out", str(tmp_path / "out")] + [str(ckpts.get(a, a)) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err.splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_command_line(sample_ckpt, tmp_path):
+    script = str(Path(__file__).parent / "sample.py")
+    bad = subprocess.run([sys.executable, script, "--ckpt", sample_ckpt, "--n", "-3"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1] == "sample.py: error: --n must be at least 1, got -3"
+    good = subprocess.run([sys.executable, script, "--ckpt", sample_ckpt, "--n", "2", "--steps", "2", "--w-eff", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    assert "at w = 5," in good.stdout  # trained at w_t = 2: w = 2 + 1 * 3
+    assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (2, 16, 16, 3)
+
+
+# ---- train.py ----
+import contextlib
+import hashlib
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from model import UNet
+
+_TRAIN_TINY = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-res", "", "--img-size", "8",
+               "--sample-steps", "1", "--log-every", "0", "--warmup", "0", "--device", "cpu"]
+
+
+def _train_class_folder(root, n_per_class=8, size=8, classes=("cat", "dog", "ship")):
+    """A tiny image folder whose classes differ in colour, so there is something to learn."""
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            img = np.clip(rng.normal(60 + 70 * k, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root
+
+
+@contextlib.contextmanager
+def _train_one_thread():
+    """Tiny models gain nothing from OpenMP threads, and lose a lot to them on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_tiny_run(tmp_path, out, *extra):
+    data = tmp_path / "imgs"
+    if not data.exists():
+        _train_class_folder(data)
+    with _train_one_thread():
+        train.main(["--data", str(data), "--out", str(out), "--batch-size", "4", *_TRAIN_TINY, *extra])
+    return torch.load(out / "ckpt.pt", weights_only=True)
+
+
+def _train_error(capsys, argv):
+    """Run train.main(argv), expect exit status 2 and return stderr's last line."""
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+# ---- data ----
+
+_TRAIN_CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _train_fake_cifar(path, n=3):
+    """An archive in the layout of cifar-10-python.tar.gz: pickled dicts with data [n, 3072] (CHW rows) and labels."""
+    rng, expected = np.random.default_rng(1), {"train": ([], []), "test": ([], [])}
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name, obj):
+            blob = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+        for split, name in [("train", f"data_batch_{i}") for i in range(1, 6)] + [("test", "test_batch")]:
+            images, labels = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).tolist()
+            add(name, {b"batch_label": name.encode(), b"labels": labels,
+                       b"data": images.transpose(0, 3, 1, 2).reshape(n, 3072)})
+            expected[split][0].append(images)
+            expected[split][1].extend(labels)
+        add("batches.meta", {b"label_names": [c.encode() for c in _TRAIN_CIFAR_CLASSES], b"num_cases_per_batch": n})
+    return {s: (np.concatenate(x), np.array(y)) for s, (x, y) in expected.items()}
+
+
+def test_train_fake_cifar10_archive_loads_and_is_reused(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    expected = _train_fake_cifar(archive)
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    data_dir = tmp_path / "data"
+    for split, n in [("train", 15), ("test", 3)]:
+        images, labels, names = train.load_cifar10(split, data_dir, url=archive.as_uri(), md5=md5)
+        assert images.dtype == np.uint8 and images.shape == (n, 32, 32, 3) and labels.dtype == np.int64
+        assert np.array_equal(images, expected[split][0]) and np.array_equal(labels, expected[split][1])
+        assert names == _TRAIN_CIFAR_CLASSES
+    assert hashlib.md5((data_dir / "cifar-10-python.tar.gz").read_bytes()).hexdigest() == md5
+    archive.unlink()  # a later call reads the extracted folder and needs no download
+    assert np.array_equal(train.load_cifar10("test", data_dir, url=archive.as_uri(), md5=md5)[0], expected["test"][0])
+
+
+def test_train_wrong_md5_is_refused_and_leaves_nothing(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    _train_fake_cifar(archive)
+    data_dir = tmp_path / "data"
+    with pytest.raises(ValueError, match="md5"):
+        train.load_cifar10("train", data_dir, url=archive.as_uri(), md5="0" * 32)
+    assert list(data_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_train_tar_member_outside_the_folder_is_refused(tmp_path, kind):
+    archive, dest = tmp_path / "evil.tar", tmp_path / "dest"
+    dest.mkdir()
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo({"dotdot": "../evil.txt", "absolute": str(tmp_path / "evil.txt"), "symlink": "link"}[kind])
+        if kind == "symlink":
+            info.type, info.linkname = tarfile.SYMTYPE, str(tmp_path / "evil.txt")
+        else:
+            info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    with pytest.raises(ValueError, match="refusing member"):
+        train.extract_tar(archive, dest)
+    assert not (tmp_path / "evil.txt").exists() and list(dest.iterdir()) == []
+
+
+def test_train_image_folder_with_mixed_sizes_and_formats(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "b_ship").mkdir(parents=True)
+    (root / "a_cat").mkdir()
+    (root / ".hidden").mkdir()
+    exact = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(exact).save(root / "a_cat" / "0.png")
+    wide = np.zeros((16, 48, 3), np.uint8)  # 48 x 16: centre third red, the rest blue
+    wide[:, :, 2], wide[:, 16:32] = 255, (255, 0, 0)
+    Image.fromarray(wide).save(root / "a_cat" / "1.png")
+    big = np.zeros((64, 32, 3), np.uint8)  # 32 x 64 (W x H): middle half green
+    big[16:48] = (0, 255, 0)
+    Image.fromarray(big).save(root / "b_ship" / "x.jpg", quality=95)
+    Image.fromarray(np.full((20, 20), 128, np.uint8), "L").save(root / "b_ship" / "y.bmp")  # grayscale, resized down
+    (root / "b_ship" / "notes.txt").write_text("not an image")
+    images, labels, names = train.load_image_folder(root, 16)
+    assert names == ["a_cat", "b_ship"] and labels.tolist() == [0, 0, 1, 1] and labels.dtype == np.int64
+    assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
+    assert np.array_equal(images[0], exact)  # right size already: the pixels are untouched
+    assert (images[1] == (255, 0, 0)).all()  # the centre crop keeps the middle, red third
+    assert np.abs(images[2][4:12].astype(int) - (0, 255, 0)).max() < 20  # 32x64 -> 16x32 -> middle rows: green
+    assert np.abs(images[3].astype(int) - 128).max() <= 1
+
+
+# ---- training ----
+
+
+def test_train_resume_is_exact(tmp_path):
+    args = ["--loss", "aligned", "--w", "1.5", "--save-every", "0", "--sample-every", "0"]
+    one = _train_tiny_run(tmp_path, tmp_path / "one", "--iters", "4", *args)
+    half = _train_tiny_run(tmp_path, tmp_path / "two", "--iters", "2", *args)
+    two = _train_tiny_run(tmp_path, tmp_path / "two", "--iters", "4", *args)  # same --out: resumes from step 2
+    assert (half["step"], one["step"], two["step"]) == (2, 4, 4)
+    assert not torch.equal(half["model"]["conv_in.weight"], two["model"]["conv_in.weight"])
+    for key in ("model", "ema"):
+        for name, value in one[key].items():
+            assert torch.equal(value, two[key][name]), (key, name)
+    assert len(one["opt"]["state"]) == len(two["opt"]["state"]) > 0
+    for a, b in zip(one["opt"]["state"].values(), two["opt"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(one["rng"]["cpu"], two["rng"]["cpu"])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_train_kill_while_writing_checkpoint_keeps_the_previous_one(tmp_path):
+    out = tmp_path / "run"
+    _train_tiny_run(tmp_path, out, "--iters", "2")
+    # a real kill (SIGKILL, no clean-up) halfway through writing the step-3 checkpoint
+    crash = ("import io, os, signal, sys, torch, train\n"
+             "real_save = torch.save\n"
+             "def crash_halfway(obj, f):\n"
+             "    buf = io.BytesIO(); real_save(obj, buf); f.write(buf.getvalue()[:buf.tell() // 2]); f.flush()\n"
+             "    os.kill(os.getpid(), signal.SIGKILL)\n"
+             "torch.save = crash_halfway\n"
+             "train.main(sys.argv[1:])\n")
+    args = ["--data", str(tmp_path / "imgs"), "--out", str(out), "--batch-size", "4", "--iters", "3", *_TRAIN_TINY]
+    result = subprocess.run([sys.executable, "-c", crash, *args], cwd=Path(__file__).parent, capture_output=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert (out / "ckpt.pt.tmp").stat().st_size > 0  # the kill did land mid-write
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+    assert _train_tiny_run(tmp_path, out, "--iters", "3")["step"] == 3  # and the run resumes from it
+
+
+def test_train_resume_refuses_other_settings_and_unreadable_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    _train_tiny_run(tmp_path, out, "--iters", "1")
+    base = ["--data", str(tmp_path / "imgs"), "--out", str(out), "--batch-size", "4", "--iters", "2"]
+    line = _train_error(capsys, base + _TRAIN_TINY + ["--loss", "aligned"])
+    assert "other settings" in line and "loss (checkpoint 'standard', flags 'aligned')" in line and "unet" not in line
+    line = _train_error(capsys, base + _TRAIN_TINY + ["--ch", "64"])
+    assert "unet" in line and "'ch': 32" in line and "'ch': 64" in line
+    (out / "ckpt.pt").write_bytes(b"not a checkpoint")
+    assert "cannot read checkpoint" in _train_error(capsys, base + _TRAIN_TINY)
+
+
+def test_train_bad_input_gives_one_line_and_status_2(tmp_path, capsys):
+    data = _train_class_folder(tmp_path / "imgs")
+    (tmp_path / "empty").mkdir()
+    common = ["--out", str(tmp_path / "run")] + _TRAIN_TINY
+    assert "invalid choice: 'l2'" in _train_error(capsys, ["--loss", "l2", "--data", str(data)] + common)
+    assert "--batch-size must be positive" in _train_error(capsys, ["--batch-size", "-4", "--data", str(data)] + common)
+    assert "no such folder" in _train_error(capsys, ["--data", str(tmp_path / "missing")] + common)
+    assert "holds no images" in _train_error(capsys, ["--data", str(tmp_path / "empty")] + common)
+    assert "larger than the dataset" in _train_error(capsys, ["--batch-size", "128", "--data", str(data)] + common)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_nan_loss_stops_at_its_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    calls, real_loss = [], train.standard_loss
+
+    def nan_at_third_step(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "standard_loss", nan_at_third_step)
+    with pytest.raises(SystemExit) as exc:
+        _train_tiny_run(tmp_path, tmp_path / "run", "--iters", "6", "--save-every", "2", "--log-every", "100")
+    assert "at step 3" in str(exc.value.code) and "step 2) is kept" in str(exc.value.code)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_train_tiny_run_through_the_command_line(tmp_path):
+    data, out = _train_class_folder(tmp_path / "imgs", n_per_class=16), tmp_path / "runs" / "aligned-w2"  # the default --out
+    cmd = [sys.executable, str(Path(__file__).parent / "train.py"), "--loss", "aligned", "--w", "2", "--data", str(data),
+           "--batch-size", "16", "--iters", "30", "--lr", "1e-3", "--sample-every", "15", *_TRAIN_TINY]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("warning: no CUDA device") == 1
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert set(ckpt) >= {"model", "ema", "opt", "step", "config"} and ckpt["step"] == 30
+    config = ckpt["config"]
+    assert (config["loss"], config["w"], config["class_names"], config["iters"]) == ("aligned", 2.0, ["cat", "dog", "ship"], 30)
+    assert config["unet"] == dict(num_classes=3, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_res=[], dropout=0.1, img_size=8)
+    UNet(**config["unet"]).load_state_dict(ckpt["ema"])  # strict: the names and shapes of the network
+    grid = np.asarray(Image.open(out / "samples_0000030.png"))
+    assert grid.shape == (3 * 8, 2 * 8 * 8, 3) and (out / "samples_0000015.png").exists()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 31)) and all(r["img_per_s"] > 0 for r in log)
+    first, last = np.mean([r["loss"] for r in log[:5]]), np.mean([r["loss"] for r in log[-5:]])
+    assert abs(log[0]["loss"] - 1) < 0.1 and last < 0.6 * first, (first, last)
+
+
+def test_train_help_shows_the_defaults():
+    text = train.get_parser().format_help()
+    for flag, default in [("--loss", "standard"), ("--w", "2.0"), ("--p-uncond", "0.1"), ("--batch-size", "128"),
+                          ("--lr", "0.0002"), ("--warmup", "5000"), ("--ema-decay", "0.9999"), ("--ch", "128")]:
+        assert f"(default: {default})" in text.split(f"  {flag} ")[1].split("\n  -")[0], flag
