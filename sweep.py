@@ -1,0 +1,126 @@
+"""The comparison: FID over guidance scale and DDIM steps for several checkpoints (`python fid.py --ckpt ...`).
+
+Every cell (checkpoint x steps x w) draws the same n labels with the same per-image seeds, so cells differ
+only by the model and the sampler. Results go to results.csv (one row per cell, appended as each cell
+finishes; cells already there are skipped, so an interrupted sweep resumes) and results.md.
+"""
+import csv
+import io
+import os
+import sys
+import time
+
+import fid
+from diffusion import Schedule
+from sample import CheckpointError, balanced_labels, class_grid, effective_to_sampling_w, load_checkpoint, sample_images, save_grid, write_atomic
+
+HEADER = ["checkpoint", "loss", "w_train", "p_uncond", "w", "w_eff", "steps", "eta", "n", "ref", "fid", "seconds"]
+
+
+def effective_w(config, w):
+    """The effective guidance of sampling at w: (w - w_train) / (1 + w_train) for aligned checkpoints (losses.py)."""
+    if config["loss"] == "aligned":
+        return (w - config["w"]) / (1 + config["w"])
+    return w
+
+
+def run_name(path):
+    """A short name for a checkpoint: its run folder for .../<run>/ckpt.pt, else the file's stem."""
+    head, tail = os.path.split(os.path.normpath(path))
+    return os.path.basename(head) if tail == "ckpt.pt" and head else os.path.splitext(tail)[0]
+
+
+def read_results(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_results(path, rows):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HEADER, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def markdown(rows, column):
+    """One table per step count: checkpoints as rows, `column` (w or w_eff) as columns, each row's best FID in bold."""
+    out = []
+    for steps in sorted({int(r["steps"]) for r in rows}):
+        cells = [r for r in rows if int(r["steps"]) == steps]
+        cols = sorted({float(r[column]) for r in cells})
+        out += [f"## {steps} DDIM steps: FID by {column}", "",
+                "| checkpoint | " + " | ".join(f"{column}={c:g}" for c in cols) + " |",
+                "| --- |" + " ---: |" * len(cols)]
+        for ckpt in dict.fromkeys(r["checkpoint"] for r in cells):
+            fids = {float(r[column]): float(r["fid"]) for r in cells if r["checkpoint"] == ckpt}
+            best = min(fids.values())
+            row = [("**%.2f**" if fids[c] == best else "%.2f") % fids[c] if c in fids else "" for c in cols]
+            out.append(f"| {ckpt} | " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train", out="sweep", eta=0.0, seed=0,
+              clip_x0=True, batch_size=None, device="cpu", amp="none", fid_batch_size=50, data_dir="data", weights=None):
+    """Sample and score every checkpoint x steps x w cell not yet in out/results.csv; return all rows."""
+    if n < 2:
+        raise fid.FIDError(f"--n must be at least 2 for a FID, got {n}")
+    if min(steps_list) < 1:
+        raise fid.FIDError(f"--steps must be at least 1, got {min(steps_list)}")
+    if w_effs is None:
+        ws = ws or [0.0]
+    os.makedirs(os.path.join(out, "grids"), exist_ok=True)
+    csv_path = os.path.join(out, "results.csv")
+    rows = read_results(csv_path)
+    done = {(r["checkpoint"], float(r["w"]), int(r["steps"]), float(r["eta"]), int(r["n"]), r["ref"]) for r in rows}
+    try:  # fail early on a bad file, not after hours of sampling
+        configs = {path: load_checkpoint(path)[1] for path in ckpts}
+    except CheckpointError as e:
+        raise fid.FIDError(str(e)) from None
+    todo = []
+    for path in ckpts:
+        for steps in steps_list:
+            for value in (ws if ws is not None else w_effs):
+                w = value if ws is not None else effective_to_sampling_w(configs[path], value)
+                if w < -1:
+                    raise fid.FIDError(f"{path}: w_eff={value:g} maps to w={w:g} < -1")
+                if (path, w, steps, eta, n, ref) not in done:
+                    todo.append((path, steps, w))
+    print(f"sweep: {len(todo)} cells to compute, {len(done)} already in {csv_path}", file=sys.stderr)
+    if not todo:
+        return rows
+
+    inception = fid.load_inception(weights, device)
+    mu_ref, sigma_ref, _ = fid.input_statistics(ref, inception, fid_batch_size, device, data_dir, weights)
+    cost = lambda cell: cell[1] * (1 if cell[2] == 0 else 2)  # network evaluations per image
+    total, spent, start = sum(map(cost, todo)), 0, time.time()
+    loaded = None
+    for i, (path, steps, w) in enumerate(todo):
+        if loaded != path:
+            model, config = load_checkpoint(path, device=device)
+            loaded, schedule = path, Schedule(config["schedule"])
+            labels = balanced_labels(n, config["unet"]["num_classes"])
+        t0 = time.time()
+        images = sample_images(model, schedule, labels, null_class=config["unet"]["num_classes"], w=w, steps=steps,
+                               eta=eta, clip_x0=clip_x0, seed=seed, batch_size=batch_size, device=device, amp=amp)
+        rate = n / (time.time() - t0)
+        mu, sigma = fid.feature_statistics(fid.inception_features(inception, images, fid_batch_size, device))
+        score = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        seconds = time.time() - t0
+        rows.append({"checkpoint": path, "loss": config["loss"], "w_train": "" if config["w"] is None else repr(config["w"]),
+                     "p_uncond": repr(config["p_uncond"]), "w": repr(float(w)), "w_eff": repr(float(effective_w(config, w))),
+                     "steps": steps, "eta": repr(float(eta)), "n": n, "ref": ref, "fid": repr(score), "seconds": repr(seconds)})
+        write_results(csv_path, rows)
+        column = "w" if ws is not None else "w_eff"
+        mine = [r for r in rows if (float(r["eta"]), int(r["n"]), r["ref"]) == (eta, n, ref)]
+        write_atomic(os.path.join(out, "results.md"), lambda f: f.write(markdown(mine, column).encode()))
+        tiles, nrow = class_grid(images, rows=min(n, config["unet"]["num_classes"]), max_cols=8)
+        save_grid(tiles, os.path.join(out, "grids", f"{run_name(path)}_steps{steps}_w{w:g}.png"), nrow)
+        spent += cost(todo[i])
+        eta_s = (time.time() - start) / spent * (total - spent)
+        print(f"[cell {i + 1}/{len(todo)}] {run_name(path)} steps={steps} w={w:g}: FID {score:.4f} (n={n}) "
+              f"{rate:.1f} img/s, {seconds:.1f} s; sweep ETA {eta_s / 60:.1f} min", file=sys.stderr)
+    return rows
