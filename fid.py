@@ -249,8 +249,7 @@ def _is_torchscript(path):
 
 
 def _sha1(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha1").hexdigest()
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
 def find_weights():

@@ -311,6 +311,14 @@ def test_unet_learns_a_fixed_batch():
 # ---- the project's skeleton ----
 
 
+def test_readme_documents_training():
+    readme = (Path(__file__).parent / "README.md").read_text()
+    iters = train.get_parser().get_default("iters")
+    for text in ["python3 train.py --loss aligned --w 2", "cifar-10-python.tar.gz", train.CIFAR10_MD5, "--data-dir",
+                 "--data <folder>", f"--iters {iters}", "an estimate", "Resume", "--p-uncond", "--detach-uncond"]:
+        assert text in readme, text
+
+
 def test_ci_runs_the_readme_test_command():
     here = Path(__file__).parent
     command = (here / ".ci/run").read_text().strip().splitlines()[-1]
