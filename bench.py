@@ -1,0 +1,86 @@
+"""Throughput of the three costly parts, for the README's cost figures (not a test):
+
+    python bench.py                      # train (standard and aligned), sample and FID features on the default device
+    python bench.py --what train --batch-size 128 --iters 50
+
+Training runs the real losses on the default U-Net with train.py's speed settings (bf16 autocast, channels_last
+on CUDA); sampling runs sample_images at w = 2; FID runs fid.inception_features. Weights are random: speed
+does not depend on them.
+"""
+import argparse
+import contextlib
+import time
+
+import numpy as np
+import torch
+
+import fid
+from diffusion import Schedule
+from losses import aligned_loss, standard_loss
+from model import UNet
+from sample import sample_images
+
+
+def timed(fn, repeats, sync):
+    fn()  # warm-up: cuDNN autotuning, allocator, lazy init
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--what", choices=["train", "sample", "fid", "all"], default="all")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ch", type=int, default=128, help="U-Net width (default: the default model)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 128 on CUDA, 8 on the CPU")
+    p.add_argument("--iters", type=int, default=None, help="timed repeats (default: 20 on CUDA, 2 on the CPU)")
+    p.add_argument("--sample-steps", type=int, default=10, help="DDIM steps per timed sampling call")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    batch, repeats = args.batch_size or (128 if cuda else 8), args.iters or (20 if cuda else 2)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    amp = "bf16" if cuda else "none"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    print(f"device {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, batch {batch}, amp {amp}")
+
+    model = UNet(ch=args.ch).to(device, memory_format=fmt)
+    schedule, x = Schedule("linear"), torch.rand(batch, 3, 32, 32, device=device).mul(2).sub(1).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), device=device)
+    if args.what in ("train", "all"):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=cuda)
+        for name, loss_fn in [("standard", lambda: standard_loss(model, schedule, x, y, null_class=10)),
+                              ("aligned", lambda: aligned_loss(model, schedule, x, y, w=2.0, null_class=10))]:
+            def step():
+                with autocast:
+                    loss = loss_fn()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            s = timed(step, repeats, sync)
+            mem = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else ""
+            print(f"train {name:8s}: {1 / s:7.2f} steps/s, {batch / s:8.1f} img/s{mem}; "
+                  f"100k steps take {1e5 * s / 3600:.2f} h")
+    if args.what in ("sample", "all"):
+        model.eval()
+        labels = np.arange(batch) % 10
+        s = timed(lambda: sample_images(model, schedule, labels, null_class=10, w=2.0, steps=args.sample_steps,
+                                        batch_size=batch, device=device, amp=amp), repeats, sync)
+        print(f"sample w=2 : {batch / s:8.1f} img/s at {args.sample_steps} steps "
+              f"({batch * args.sample_steps / s:.0f} image-steps/s; 50 steps: {batch / s * args.sample_steps / 50:.1f} img/s)")
+    if args.what in ("fid", "all"):
+        inception = fid.load_inception(None, device)
+        images = np.random.default_rng(0).integers(0, 256, (2 * batch, 32, 32, 3), dtype=np.uint8)
+        s = timed(lambda: fid.inception_features(inception, images, batch, device, progress=False), repeats, sync)
+        print(f"fid features: {len(images) / s:8.1f} img/s (batch {batch}, fp32, TF32 off)")
+
+
+if __name__ == "__main__":
+    main()
