@@ -515,6 +515,11 @@ def main(argv=None):
     s.add_argument("--amp", choices=["bf16", "fp16", "none"], help="sampling autocast (default bf16 on CUDA)")
     s.add_argument("--no-clip", action="store_true", help="do not clamp the predicted clean image to [-1, 1]")
     args = p.parse_args(argv)
+    try:
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {args.device}, but CUDA is not available")
+    except RuntimeError:
+        p.error(f"unknown device {args.device!r}")
     if args.ckpt:
         if args.inputs or args.save_stats or args.inception_score:
             p.error("--ckpt runs the sweep: give no inputs, --save-stats or --is with it")
@@ -547,12 +552,7 @@ def main(argv=None):
 
 
 def run(args, inputs):
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise FIDError(f"unknown device {args.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FIDError("--device cuda, but CUDA is not available")
+    device = torch.device(args.device)
     kw = dict(batch_size=args.batch_size, device=device, data_dir=args.data_dir, weights=args.weights)
     stats = []
     for i, source in enumerate(inputs):

@@ -161,6 +161,8 @@ def main(argv=None):
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype; None: bf16 on CUDA, none on CPU")
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA weights")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}, but CUDA is not available")
     for flag, value in ("--steps", args.steps), ("--n", args.n), ("--batch-size", args.batch_size):
         if value is not None and value < 1:
             p.error(f"{flag} must be at least 1, got {value}")

@@ -1104,3 +1104,14 @@ def test_sweep_bad_input_exits_2_with_a_message(tmp_path, capsys, extra, message
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "s" / "results.csv").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_line_error(tmp_path, sample_ckpt, capsys):
+    for main, argv in [(sample.main, ["--ckpt", sample_ckpt, "--out", str(tmp_path / "s")]),
+                       (fid.main, ["--ckpt", sample_ckpt, "--out", str(tmp_path / "f")]),
+                       (fid.main, [str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])]:
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--device", "cuda"])
+        assert exit_.value.code == 2
+        assert "CUDA is not available" in capsys.readouterr().err.strip().splitlines()[-1]
