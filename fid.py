@@ -576,4 +576,5 @@ def run(args, inputs):
 
 
 if __name__ == "__main__":
+    sys.modules["fid"] = sys.modules[__name__]  # sweep.py's `import fid` must get this module, not a second copy
     main()

@@ -1079,6 +1079,14 @@ def test_sweep_writes_results_and_resumes_only_missing_cells(tmp_path):
     assert np.array_equal(again[:16], first[:16])  # the first image of the w = 0 cell is the same
 
 
+def test_sweep_bad_checkpoint_through_the_command_line(tmp_path):
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    run = subprocess.run([sys.executable, "fid.py", "--ckpt", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "s")],
+                         capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "is not a checkpoint of this project" in run.stderr.strip().splitlines()[-1]
+
+
 def test_sweep_effective_w_maps_per_checkpoint(tmp_path, capsys):
     ckpts, ref = _sweep_setup(tmp_path)
     fid.main(["--ckpt", *ckpts, "--w-eff", "1", "--steps", "1", "--n", "2", "--ref", ref, "--out", str(tmp_path / "s")])
