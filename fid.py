@@ -13,9 +13,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
-import os
 import sys
-import tempfile
 import time
 import warnings
 import zipfile
@@ -27,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from scipy.special import logsumexp
+
+from sample import write_atomic
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -441,16 +441,8 @@ def load_statistics(path):
 
 def save_statistics(path, mu, sigma, n=None):
     """Write pytorch-fid-compatible statistics (plus the image count n, if known), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, **({} if n is None else {"n": n}))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **({} if n is None else {"n": n})))
 
 
 def input_statistics(source, model=None, batch_size=50, device="cpu", data_dir="data", weights=None,
@@ -547,8 +539,7 @@ def main(argv=None):
     try:
         run(args, inputs)
     except FIDError as e:
-        print(f"fid.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        p.exit(2, f"fid.py: error: {e}\n")
 
 
 def run(args, inputs):
