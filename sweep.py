@@ -76,15 +76,15 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
     csv_path = os.path.join(out, "results.csv")
     rows = read_results(csv_path)
     done = {(r["checkpoint"], float(r["w"]), int(r["steps"]), float(r["eta"]), int(r["n"]), r["ref"]) for r in rows}
-    try:  # fail early on a bad file, not after hours of sampling
-        configs = {path: load_checkpoint(path)[1] for path in ckpts}
+    try:  # fail early on a bad file, not after hours of sampling; each model is loaded once, ~140 MB at the default size
+        models = {path: load_checkpoint(path, device=device) for path in ckpts}
     except CheckpointError as e:
         raise fid.FIDError(str(e)) from None
     todo = []
     for path in ckpts:
         for steps in steps_list:
             for value in (ws if ws is not None else w_effs):
-                w = value if ws is not None else effective_to_sampling_w(configs[path], value)
+                w = value if ws is not None else effective_to_sampling_w(models[path][1], value)
                 if w < -1:
                     raise fid.FIDError(f"{path}: w_eff={value:g} maps to w={w:g} < -1")
                 if (path, w, steps, eta, n, ref) not in done:
@@ -97,14 +97,11 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
     mu_ref, sigma_ref, _ = fid.input_statistics(ref, inception, fid_batch_size, device, data_dir, weights)
     cost = lambda cell: cell[1] * (1 if cell[2] == 0 else 2)  # network evaluations per image
     total, spent, start = sum(map(cost, todo)), 0, time.time()
-    loaded = None
     for i, (path, steps, w) in enumerate(todo):
-        if loaded != path:
-            model, config = load_checkpoint(path, device=device)
-            loaded, schedule = path, Schedule(config["schedule"])
-            labels = balanced_labels(n, config["unet"]["num_classes"])
+        model, config = models[path]
+        labels = balanced_labels(n, config["unet"]["num_classes"])
         t0 = time.time()
-        images = sample_images(model, schedule, labels, null_class=config["unet"]["num_classes"], w=w, steps=steps,
+        images = sample_images(model, Schedule(config["schedule"]), labels, null_class=config["unet"]["num_classes"], w=w, steps=steps,
                                eta=eta, clip_x0=clip_x0, seed=seed, batch_size=batch_size, device=device, amp=amp)
         rate = n / (time.time() - t0)
         mu, sigma = fid.feature_statistics(fid.inception_features(inception, images, fid_batch_size, device))
