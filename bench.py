@@ -8,7 +8,6 @@ on CUDA); sampling runs sample_images at w = 2; FID runs fid.inception_features.
 does not depend on them.
 """
 import argparse
-import contextlib
 import time
 
 import numpy as np
@@ -18,7 +17,7 @@ import fid
 from diffusion import Schedule
 from losses import aligned_loss, standard_loss
 from model import UNet
-from sample import sample_images
+from sample import autocast, pick_device, sample_images
 
 
 def timed(fn, repeats, sync):
@@ -34,18 +33,20 @@ def timed(fn, repeats, sync):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--what", choices=["train", "sample", "fid", "all"], default="all")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
     p.add_argument("--ch", type=int, default=128, help="U-Net width (default: the default model)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 128 on CUDA, 8 on the CPU")
     p.add_argument("--iters", type=int, default=None, help="timed repeats (default: 20 on CUDA, 2 on the CPU)")
     p.add_argument("--sample-steps", type=int, default=10, help="DDIM steps per timed sampling call")
     args = p.parse_args()
-    device = torch.device(args.device)
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     cuda = device.type == "cuda"
     batch, repeats = args.batch_size or (128 if cuda else 8), args.iters or (20 if cuda else 2)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     amp = "bf16" if cuda else "none"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     fmt = torch.channels_last if cuda else torch.contiguous_format
     print(f"device {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, batch {batch}, amp {amp}")
 
@@ -57,7 +58,7 @@ def main():
         for name, loss_fn in [("standard", lambda: standard_loss(model, schedule, x, y, null_class=10)),
                               ("aligned", lambda: aligned_loss(model, schedule, x, y, w=2.0, null_class=10))]:
             def step():
-                with autocast:
+                with autocast(device, amp):
                     loss = loss_fn()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

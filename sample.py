@@ -1,7 +1,7 @@
 """Guided DDIM sampling from a train.py checkpoint: python sample.py --ckpt runs/aligned-w2/ckpt.pt --w 5 --steps 50
 
 writes grid.png (one row per class) and samples.npz (OpenAI ADM's format: arr_0 uint8 [N, H, W, 3], arr_1 labels) to
---out. load_checkpoint, effective_to_sampling_w, balanced_labels and sample_images need no argparse (sweep.py uses them).
+--out. Its functions need no argparse: sweep.py, train.py and fid.py use them.
 """
 import argparse
 import contextlib
@@ -18,6 +18,35 @@ from model import UNet
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or not written by this project's train.py."""
+
+
+def one_line(e):
+    """An exception as 'Type: first line of its message', for errors that must fit on one line."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def pick_device(name):
+    """torch.device for 'auto' (CUDA when there is one, else the CPU), 'cpu', 'cuda', 'cuda:1', ...
+
+    Raises ValueError, with a one-line message, for an unknown name or CUDA on a machine without it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}, but CUDA is not available")
+    return device
+
+
+def autocast(device, amp=None):
+    """The autocast context for amp 'bf16', 'fp16' or 'none'; None picks bf16 on CUDA and none elsewhere."""
+    amp = amp or ("bf16" if device.type == "cuda" else "none")
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
 
 
 def load_checkpoint(path, device="cpu", ema=True):
@@ -39,8 +68,7 @@ def load_checkpoint(path, device="cpu", ema=True):
         model = UNet(**config["unet"])
         model.load_state_dict(ckpt["ema" if ema else "model"])
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{path} is not a checkpoint of this project ({type(e).__name__}: {reason})") from e
+        raise CheckpointError(f"{path} is not a checkpoint of this project ({one_line(e)})") from e
     model = model.to(device).eval().requires_grad_(False)
     if torch.device(device).type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -97,24 +125,22 @@ def save_grid(images, path, nrow):
 
 @torch.no_grad()
 def sample_images(model, schedule, labels, *, null_class, w=0.0, steps=50, eta=0.0, clip_x0=True, seed=0,
-                  batch_size=None, device="cpu", amp="none", progress=None):
+                  batch_size=None, device="cpu", amp=None, progress=None):
     """Draw one image per label, as uint8 [N, H, W, 3]; image i comes from its own generator seeded seed + i.
 
     The generators live on the CPU, so the starting noise of image i is the same on every device and
     for every batch size. That makes it safe to halve the batch and retry on CUDA out-of-memory, so the
     default batch_size=None starts large there, at 1024; on CPU it is 8, where small batches run fastest.
-    progress(done, total) runs after each batch.
+    amp=None is bf16 on CUDA. progress(done, total) runs after each batch.
     """
     device = torch.device(device)
     size = (3, model.img_size, model.img_size)
-    channels_last = device.type == "cuda"
-    autocast = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
-                if amp != "none" else contextlib.nullcontext())
+    channels_last, mixed_precision = device.type == "cuda", autocast(device, amp)
 
     def eps_model(z, t, y):
         if channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
-        with autocast:
+        with mixed_precision:
             return model(z, t, y)
 
     labels = torch.as_tensor(labels, dtype=torch.long)
@@ -157,17 +183,19 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="image i is drawn from a generator seeded seed + i")
     p.add_argument("--out", default="samples", help="directory for grid.png and samples.npz")
     p.add_argument("--png-dir", help="also write one PNG per image into this directory")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when there is one")
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype; None: bf16 on CUDA, none on CPU")
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA weights")
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}, but CUDA is not available")
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     for flag, value in ("--steps", args.steps), ("--n", args.n), ("--batch-size", args.batch_size):
         if value is not None and value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
     try:
-        model, config = load_checkpoint(args.ckpt, args.device, ema=not args.no_ema)
+        model, config = load_checkpoint(args.ckpt, device, ema=not args.no_ema)
     except CheckpointError as e:
         p.error(str(e))
     w = args.w if args.w_eff is None else effective_to_sampling_w(config, args.w_eff)
@@ -180,12 +208,11 @@ def main(argv=None):
         p.error(f"unknown class {unknown[0]!r}: use ids 0-{len(names) - 1} or names {','.join(names)}")
     classes = [ids[t] for t in tokens]
     labels = balanced_labels(args.n, classes)
-    amp = args.amp or ("bf16" if torch.device(args.device).type == "cuda" else "none")
-    print(f"{args.ckpt}: {config['loss']} loss, {args.n} images at w = {w:g}, {args.steps} steps on {args.device}")
+    print(f"{args.ckpt}: {config['loss']} loss, {args.n} images at w = {w:g}, {args.steps} steps on {device}")
     t0 = time.time()
     images = sample_images(model, Schedule(config["schedule"]), labels, null_class=config["unet"]["num_classes"], w=w,
                            steps=args.steps, eta=args.eta, clip_x0=not args.no_clip, seed=args.seed,
-                           batch_size=args.batch_size, device=args.device, amp=amp,
+                           batch_size=args.batch_size, device=device, amp=args.amp,
                            progress=lambda done, n: print(f"{done}/{n} images, {done / (time.time() - t0):.2f} images/s"))
     os.makedirs(args.out, exist_ok=True)
     tiles, nrow = class_grid(images, len(classes))

@@ -64,7 +64,7 @@ def markdown(rows, column):
 
 
 def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train", out="sweep", eta=0.0, seed=0,
-              clip_x0=True, batch_size=None, device="cpu", amp="none", fid_batch_size=50, data_dir="data", weights=None):
+              clip_x0=True, batch_size=None, device="cpu", amp=None, fid_batch_size=50, data_dir="data", weights=None):
     """Sample and score every checkpoint x steps x w cell not yet in out/results.csv; return all rows."""
     if n < 2:
         raise fid.FIDError(f"--n must be at least 2 for a FID, got {n}")

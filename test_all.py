@@ -1123,3 +1123,16 @@ def test_cuda_device_without_cuda_is_one_line_error(tmp_path, sample_ckpt, capsy
             main([*argv, "--device", "cuda"])
         assert exit_.value.code == 2
         assert "CUDA is not available" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_unknown_device_is_one_line_error_in_every_command(tmp_path, sample_ckpt, capsys):
+    for main, argv in [(sample.main, ["--ckpt", sample_ckpt, "--out", str(tmp_path / "s")]),
+                       (fid.main, [str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]),
+                       (train.main, ["--out", str(tmp_path / "t")])]:
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--device", "gpu0"])
+        assert exit_.value.code == 2
+        assert "unknown device 'gpu0'" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
+    assert sample.pick_device("cpu") == torch.device("cpu")
+    assert sample.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

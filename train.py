@@ -5,7 +5,6 @@
 Running the same command again resumes from the run folder's ckpt.pt.
 """
 import argparse
-import contextlib
 import copy
 import functools
 import hashlib
@@ -26,7 +25,7 @@ from PIL import Image
 from diffusion import Schedule
 from losses import aligned_loss, standard_loss
 from model import UNet
-from sample import sample_images, save_grid, write_atomic
+from sample import autocast, one_line, pick_device, sample_images, save_grid, write_atomic
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -44,15 +43,13 @@ def download(url, md5, path):
     if os.path.exists(path) and file_md5(path) == md5:
         return path
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp, digest = f"{path}.part", hashlib.md5()
+    tmp = f"{path}.part"
     print(f"downloading {url} to {path}", file=sys.stderr)
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                digest.update(chunk)
-        if digest.hexdigest() != md5:
-            raise ValueError(f"{url} has md5 {digest.hexdigest()}, expected {md5}: download refused")
+            shutil.copyfileobj(response, f, 1 << 20)
+        if (got := file_md5(tmp)) != md5:
+            raise ValueError(f"{url} has md5 {got}, expected {md5}: download refused")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -184,7 +181,7 @@ def get_parser():
     g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the sample grids")
     g.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines (0: every step)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data order and the noise")
-    g.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    g.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
     return p
 
 
@@ -208,22 +205,14 @@ def check_args(p, args):
 # ---- training ----
 
 
-def one_line(e):
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
 def main(argv=None):
     p = get_parser()
     args = p.parse_args(argv)
     check_args(p, args)
     try:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("CUDA is not available")
-    except RuntimeError as e:
-        p.error(f"--device {args.device}: {e}")
+        device = pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     amp = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
     if amp == "fp16" and device.type != "cuda":
         p.error("--amp fp16 needs CUDA (use bf16 or none on the CPU)")
@@ -285,8 +274,7 @@ def main(argv=None):
         torch.set_float32_matmul_precision("high")  # TF32 for --amp none
     train_model = torch.compile(model) if args.compile else model  # checkpoints take `model`: no _orig_mod. prefixes
     schedule = Schedule(args.schedule)
-    autocast = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
-                if amp != "none" else contextlib.nullcontext())
+    mixed_precision = autocast(device, amp)
 
     # The data lives as uint8 on the training device when it fits (CIFAR-10: 150 MB), so batches never wait on a loader.
     data, targets = torch.from_numpy(images), torch.from_numpy(labels)
@@ -367,7 +355,7 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = get_batch(step)
-        with autocast:
+        with mixed_precision:
             loss = loss_fn(x, y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
