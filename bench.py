@@ -35,16 +35,14 @@ def timed(fn, repeats, sync):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--what", choices=["train", "sample", "fid", "all"], default="all")
-    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--device", type=pick_device, default="auto",
+                   help="auto (cuda when there is one), cpu, cuda, cuda:N")
     p.add_argument("--ch", type=int, default=128, help="U-Net width (default: the default model)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 128 on CUDA, 8 on the CPU")
     p.add_argument("--iters", type=int, default=None, help="timed repeats (default: 20 on CUDA, 2 on the CPU)")
     p.add_argument("--sample-steps", type=int, default=10, help="DDIM steps per timed sampling call")
     args = p.parse_args()
-    try:
-        device = pick_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    device = args.device
     cuda = device.type == "cuda"
     batch, repeats = args.batch_size or (128 if cuda else 8), args.iters or (20 if cuda else 2)
     sync = torch.cuda.synchronize if cuda else (lambda: None)

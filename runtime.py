@@ -1,5 +1,6 @@
 """Run-time plumbing that every command shares: the device, mixed precision, one-line errors, atomic writes of files
 and of PNG grids."""
+import argparse
 import contextlib
 import os
 
@@ -11,15 +12,16 @@ from PIL import Image
 def pick_device(name):
     """torch.device for 'auto' (CUDA when there is one, else the CPU), 'cpu', 'cuda', 'cuda:1', ...
 
-    Raises ValueError, with a one-line message, for an unknown name or CUDA on a machine without it."""
+    The argparse type of every command's --device: an unknown name, or CUDA on a machine without it, raises
+    ArgumentTypeError, which argparse prints as a one-line error with exit status 2."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+        raise argparse.ArgumentTypeError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}, but CUDA is not available")
+        raise argparse.ArgumentTypeError(f"--device {name}, but CUDA is not available")
     return device
 
 

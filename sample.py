@@ -129,14 +129,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="image i is drawn from a generator seeded seed + i")
     p.add_argument("--out", default="samples", help="directory for grid.png and samples.npz")
     p.add_argument("--png-dir", help="also write one PNG per image into this directory")
-    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--device", type=pick_device, default="auto",
+                   help="auto (cuda when there is one), cpu, cuda, cuda:N")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype; None: bf16 on CUDA, none on CPU")
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA weights")
     args = p.parse_args(argv)
-    try:
-        device = pick_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    device = args.device
     for flag, value in ("--steps", args.steps), ("--n", args.n), ("--batch-size", args.batch_size):
         if value is not None and value < 1:
             p.error(f"{flag} must be at least 1, got {value}")

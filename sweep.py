@@ -155,14 +155,12 @@ def main(argv=None):
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], help="sampling autocast (None: bf16 on CUDA)")
     p.add_argument("--no-clip", action="store_true", help="do not clamp the predicted clean image to [-1, 1]")
     p.add_argument("--fid-batch-size", type=int, default=50, help="images per Inception forward pass")
-    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--device", type=pick_device, default="auto",
+                   help="auto (cuda when there is one), cpu, cuda, cuda:N")
     p.add_argument("--weights", help="FID Inception weights (see fid.py --help)")
     p.add_argument("--data-dir", default="data", help="where CIFAR-10 and its cached statistics live")
     args = p.parse_args(argv)
-    try:
-        device = pick_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    device = args.device
     try:
         run_sweep(args.ckpt, args.steps, args.n, ws=args.w if args.w_eff is None else None, w_effs=args.w_eff,
                   ref=args.ref, out=args.out, eta=args.eta, seed=args.seed, clip_x0=not args.no_clip,

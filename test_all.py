@@ -1,5 +1,7 @@
 """Tests for cfg-aligned. CPU only, tiny widths, few steps: the whole file runs in under 3 minutes on 2 cores."""
+import ast
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import io
@@ -320,6 +322,43 @@ def test_readme_documents_training():
     for text in ["python3 train.py --loss aligned --w 2", "cifar-10-python.tar.gz", data.CIFAR10_MD5, "--data-dir",
                  "--data <folder>", f"--iters {iters}", "an estimate", "Resume", "--p-uncond", "--detach-uncond"]:
         assert text in readme, text
+
+
+# every non-test module, by floor: a module imports only modules on lower floors (so no circle)
+FLOORS = {"runtime": 0, "model": 0, "diffusion": 0, "losses": 1, "data": 1, "inception": 1, "sample": 2, "fid": 2,
+          "train": 3, "sweep": 3, "bench": 3, "toy": 3}
+
+
+def _project_imports(path):
+    """(top-level imports, imports inside functions) of project modules in one file."""
+    top, nested, tree = set(), set(), ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+        for name in names:
+            if name.split(".")[0] in FLOORS:
+                (top if node in tree.body else nested).add(name.split(".")[0])
+    return top, nested
+
+
+def test_imports_flow_downward_with_no_circle():
+    here = Path(__file__).parent
+    modules = sorted(p for p in here.glob("*.py") if not p.stem.startswith("test"))
+    assert {p.stem for p in modules} <= FLOORS.keys(), "a new module needs its floor"
+    for path in modules:
+        top, nested = _project_imports(path)
+        assert not nested, f"{path.name} imports {nested} inside a function"
+        assert all(FLOORS[m] < FLOORS[path.stem] for m in top), (path.name, top)
+        assert "sys.modules" not in path.read_text(), path.name
+
+
+def test_readme_file_table_lists_every_file_in_import_order():
+    here = Path(__file__).parent
+    table = [line.split("`")[1] for line in (here / "README.md").read_text().splitlines() if line.startswith("| `")]
+    files = [f for f in table if f.endswith(".py")]
+    assert sorted(files) == sorted(p.name for p in here.glob("*.py"))
+    floors = [FLOORS.get(Path(f).stem, len(FLOORS)) for f in files]  # tests last
+    assert floors == sorted(floors), files
 
 
 def test_ci_runs_the_readme_test_command():
@@ -1010,6 +1049,31 @@ def test_train_tiny_run_through_the_command_line(tmp_path):
     assert [r["step"] for r in log] == list(range(1, 31)) and all(r["img_per_s"] > 0 for r in log)
     first, last = np.mean([r["loss"] for r in log[:5]]), np.mean([r["loss"] for r in log[-5:]])
     assert abs(log[0]["loss"] - 1) < 0.1 and last < 0.6 * first, (first, last)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_train_mixed_precision_runs_saves_and_resumes_on_the_cpu(tmp_path, amp):
+    """The autocast and GradScaler paths that CUDA runs by default, on the CPU so that CI reaches them."""
+    plain = _train_tiny_run(tmp_path, tmp_path / "fp32", "--iters", "2", "--lr", "1e-3")
+    mixed = _train_tiny_run(tmp_path, tmp_path / amp, "--iters", "2", "--lr", "1e-3", "--amp", amp)
+    assert mixed["config"]["amp"] == amp and plain["config"]["amp"] == "none"
+    assert bool(mixed["scaler"]) == (amp == "fp16")  # the loss scale is saved only when fp16 uses one
+    diffs = [(mixed["model"][k] - v).abs().max().item() for k, v in plain["model"].items()]
+    assert all(math.isfinite(d) for d in diffs) and 0 < max(diffs) < 0.05  # low precision, yet the same training
+    resumed = _train_tiny_run(tmp_path, tmp_path / amp, "--iters", "3", "--lr", "1e-3", "--amp", amp)
+    assert resumed["step"] == 3 and (amp == "bf16" or resumed["scaler"]["scale"] > 0)
+
+
+def test_train_compile_gives_the_eager_weights_and_plain_checkpoint_names(tmp_path, monkeypatch):
+    """--compile through TorchDynamo and AOTAutograd. The aot_eager backend needs no C++ compiler and keeps eager
+    numerics; inductor's code generation takes minutes on 2 cores, too long for this suite."""
+    eager = _train_tiny_run(tmp_path, tmp_path / "eager", "--iters", "2", "--dropout", "0")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    compiled = _train_tiny_run(tmp_path, tmp_path / "compiled", "--iters", "2", "--dropout", "0", "--compile")
+    assert compiled["model"].keys() == eager["model"].keys()  # no _orig_mod. prefixes
+    for k, v in eager["model"].items():
+        torch.testing.assert_close(compiled["model"][k], v, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(compiled["model"]["conv_out.weight"], UNet(**compiled["config"]["unet"]).conv_out.weight)
 
 
 def test_train_help_shows_the_defaults():

@@ -73,7 +73,8 @@ def get_parser():
     g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the sample grids")
     g.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines (0: every step)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data order and the noise")
-    g.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
+    g.add_argument("--device", type=pick_device, default="auto",
+                   help="auto (cuda when there is one), cpu, cuda, cuda:N")
     return p
 
 
@@ -262,10 +263,7 @@ def main(argv=None):
     p = get_parser()
     args = p.parse_args(argv)
     check_args(p, args)
-    try:
-        device = pick_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    device = args.device
     amp = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
     channels_last = device.type == "cuda" and not args.no_channels_last
     out = args.out if args.out != "auto" else "runs/standard" if args.loss == "standard" else f"runs/aligned-w{args.w:g}"
