@@ -30,7 +30,7 @@ import runtime
 import sample
 import sweep
 import train
-from diffusion import Schedule, add_noise, ddim_sample
+from diffusion import Schedule, add_noise, ancestral_sample, ddim_sample
 from losses import aligned_loss, standard_loss
 from model import UNet
 
@@ -191,6 +191,138 @@ def test_clip_x0_keeps_samples_in_range():
     x = ddim_sample(wild, Schedule("cosine"), torch.zeros(2, dtype=torch.long), (2, 3, 8, 8), steps=5,
                     null_class=10, generator=torch.Generator().manual_seed(0), clip_x0=True)
     assert x.abs().max() <= 1 and x.abs().max() == 1
+
+
+# ---- diffusion.py: ancestral sampler and guidance interval ----
+
+
+def ancestral_closed_form(sch, mu, s, v, steps=3):
+    """Mean and variance of Algorithm 2's output for data N(mu, s^2) and the exact eps: every step is affine in z
+    plus independent Gaussian noise, so both propagate exactly; e^(lambda - lambda') is the ratio of alpha^2 / sigma^2."""
+    alpha, sigma = (a.tolist() for a in sch.alpha_sigma(torch.linspace(1, 0, steps + 1, dtype=torch.float64)))
+    mean, var = 0.0, 1.0  # of z_1
+    for i in range(steps):
+        k = sigma[i] / (alpha[i] ** 2 * s**2 + sigma[i] ** 2)  # eps = k (z - alpha mu)
+        x0_gain, x0_offset = (1 - sigma[i] * k) / alpha[i], sigma[i] * k * mu  # x~ = x0_gain z + x0_offset
+        if i == steps - 1:
+            return x0_gain * mean + x0_offset, x0_gain**2 * var
+        snr_ratio = (alpha[i] / sigma[i]) ** 2 / (alpha[i + 1] / sigma[i + 1]) ** 2
+        gain = snr_ratio * alpha[i + 1] / alpha[i] + (1 - snr_ratio) * alpha[i + 1] * x0_gain
+        mean = gain * mean + (1 - snr_ratio) * alpha[i + 1] * x0_offset
+        posterior, forward = (1 - snr_ratio) * sigma[i + 1] ** 2, (1 - snr_ratio) * sigma[i] ** 2
+        var = gain**2 * var + posterior ** (1 - v) * forward**v
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("v", [0.0, 0.3, 1.0])
+def test_three_ancestral_steps_match_their_closed_form(kind, v):
+    mu, s, sch = 0.3, 0.5, Schedule(kind)
+    mean, var = ancestral_closed_form(sch, mu, s, v)
+    x = ancestral_sample(gaussian_eps_model(sch, mu, s), sch, torch.zeros(4, dtype=torch.long), (4, 1, 200, 200),
+                         steps=3, v=v, null_class=10, generator=torch.Generator().manual_seed(0)).double()
+    n = x.numel()  # 160,000 independent values: the standard errors of the variance and mean are 0.35% and 0.25% std
+    assert abs(x.var().item() / var - 1) < 4 * math.sqrt(2 / n)
+    assert abs(x.mean().item() - mean) < 4 * math.sqrt(var / n)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_ancestral_at_v0_is_ddim_at_eta1(kind):
+    """v = 0 samples from DDPM's posterior, which is DDIM's eta = 1 step: the closed forms agree, DDIM's written in
+    DDPM's alpha_bar form; and both draw the same noise in the same order, so from one seed the samples agree."""
+    mu, s, sch = 0.3, 0.5, Schedule(kind)
+    alpha, sigma = (a.tolist() for a in sch.alpha_sigma(torch.linspace(1, 0, 4, dtype=torch.float64)))
+    mean, var = 0.0, 1.0
+    for i in range(2):
+        k = sigma[i] / (alpha[i] ** 2 * s**2 + sigma[i] ** 2)
+        x0_gain, x0_offset = (1 - sigma[i] * k) / alpha[i], sigma[i] * k * mu
+        ab_t, ab_s = alpha[i] ** 2, alpha[i + 1] ** 2
+        c2 = (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)  # DDPM's posterior variance beta~
+        d = math.sqrt(1 - ab_s - c2)
+        gain = alpha[i + 1] * x0_gain + d * k
+        mean, var = gain * mean + alpha[i + 1] * x0_offset - d * k * alpha[i] * mu, gain**2 * var + c2
+    k = sigma[2] / (alpha[2] ** 2 * s**2 + sigma[2] ** 2)
+    ddim_mean, ddim_var = (1 - sigma[2] * k) / alpha[2] * mean + sigma[2] * k * mu, ((1 - sigma[2] * k) / alpha[2]) ** 2 * var
+    ancestral_mean, ancestral_var = ancestral_closed_form(sch, mu, s, 0.0)
+    assert ancestral_mean == pytest.approx(ddim_mean, rel=1e-9) and ancestral_var == pytest.approx(ddim_var, rel=1e-9)
+    # exact for each class's Gaussian (null: mean 0), so guided samples stay O(1) and float32 rounding stays ~1e-7
+    model = lambda z, t, y: gaussian_eps_model(sch, torch.where(y == 10, 0.0, 0.2 * y - 0.3)[:, None, None, None], s)(z, t, y)
+    y, shape = torch.tensor([0, 1, 2, 3]), (4, 2, 8, 8)
+    run = lambda sampler, **kw: sampler(model, sch, y, shape, w=1.5, steps=10, null_class=10,
+                                        generator=torch.Generator().manual_seed(3), **kw)
+    ddim = run(ddim_sample, eta=1.0)
+    torch.testing.assert_close(run(ancestral_sample, v=0.0), ddim, rtol=0, atol=1e-5)
+    assert (run(ancestral_sample, v=0.3) - ddim).abs().max() > 0.05
+
+
+def test_ancestral_generators_clip_and_draw_order():
+    """One draw of the starting noise and one per step but the last; per-image generators as in ddim_sample."""
+    sch, model, y, shape = Schedule("linear"), RecordingModel(), torch.tensor([0, 1, 2, 3]), (4, 3, 8, 8)
+    g = torch.Generator().manual_seed(7)
+    ancestral_sample(model, sch, y, shape, w=1.0, steps=5, null_class=10, generator=g)
+    reference = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        torch.randn(shape, generator=reference)
+    assert torch.equal(g.get_state(), reference.get_state())
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    batch = ancestral_sample(model, sch, y, shape, w=1.0, steps=5, null_class=10, generator=gens([10, 11, 12, 13]))
+    alone = ancestral_sample(model, sch, y[2:3], (1, 3, 8, 8), w=1.0, steps=5, null_class=10, generator=gens([12]))
+    torch.testing.assert_close(batch[2:3], alone, rtol=0, atol=1e-6)
+    wild = lambda z, t, y: -5 * z
+    x = ancestral_sample(wild, Schedule("cosine"), y, shape, steps=5, null_class=10, generator=g, clip_x0=True)
+    assert x.abs().max() <= 1 and x.abs().max() == 1
+
+
+@pytest.mark.parametrize("sampler", [ddim_sample, ancestral_sample])
+def test_guidance_interval_guides_only_steps_inside_it(sampler):
+    """Steps whose current noise level sigma / alpha = exp(-lambda / 2) lies in (lo, hi] run on 2B, the others on B."""
+    sch, y = Schedule("cosine"), torch.tensor([3, 1, 4])
+    levels = [math.exp(-lam / 2) for lam in sch.log_snr(torch.linspace(1, 0, 6, dtype=torch.float64)).tolist()]
+    assert levels[:5] == pytest.approx([math.exp(10), 3.078, 1.376, 0.7265, 0.3249], rel=1e-3)  # tan(pi t / 2)
+    model = RecordingModel()
+    sampler(model, sch, y, (3, 3, 8, 8), w=2.0, steps=5, null_class=10, generator=torch.Generator().manual_seed(0),
+            guidance_interval=(levels[4], levels[2]))  # hi is inside, lo outside
+    assert [size for size, _ in model.calls] == [3, 3, 6, 6, 3]
+    for size, labels in model.calls:
+        assert torch.equal(labels, y if size == 3 else torch.cat([y, torch.full_like(y, 10)]))
+
+
+@pytest.mark.parametrize("sampler, kw", [(ddim_sample, {"eta": 1.0}), (ancestral_sample, {"v": 0.3})])
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_guidance_interval_everywhere_or_nowhere_is_plain_sampling(sampler, kw, kind):
+    sch, y, shape = Schedule(kind), torch.tensor([0, 1, 2]), (3, 3, 8, 8)
+
+    def run(w, **extra):
+        model = RecordingModel()
+        x = sampler(model, sch, y, shape, w=w, steps=6, null_class=10, generator=torch.Generator().manual_seed(5),
+                    **kw, **extra)
+        return x, [size for size, _ in model.calls]
+
+    def assert_same(a, b):
+        assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+    guided, plain = run(3.0), run(0.0)
+    assert guided[1] == [6] * 6 and plain[1] == [3] * 6
+    assert_same(run(3.0, guidance_interval=(0, math.inf)), guided)
+    never = (1e5, 1e6)  # above every level: exp(10) = 22026 for cosine, exp(5.03) = 153 for linear
+    assert_same(run(3.0, guidance_interval=never), plain)
+    aligned_unguided = run(3.0, guidance_interval=never, w_unguided=2.0)
+    assert_same(aligned_unguided, run(2.0))
+    assert not torch.equal(aligned_unguided[0], guided[0]) and not torch.equal(aligned_unguided[0], plain[0])
+
+
+@pytest.mark.parametrize("sampler", [ddim_sample, ancestral_sample])
+def test_ancestral_v_and_guidance_interval_are_validated(sampler):
+    run = lambda **kw: sampler(RecordingModel(), Schedule("cosine"), torch.zeros(1, dtype=torch.long), (1, 1, 2, 2),
+                               null_class=10, **kw)
+    for interval in [(2.0, 1.0), (1.0, 1.0), (-0.5, 1.0), (math.nan, 1.0)]:
+        with pytest.raises(ValueError, match=r"^guidance_interval must be \(lo, hi\) with 0 <= lo < hi, got \("):
+            run(guidance_interval=interval)
+    if sampler is ancestral_sample:
+        for v in (-0.1, 1.01):
+            with pytest.raises(ValueError, match=r"^v must be in \[0, 1\], got "):
+                run(v=v)
+        for v in (0.0, 1.0):
+            run(v=v)
 
 
 # ---- losses.py ----
