@@ -54,6 +54,15 @@ def write_atomic(path, write):
         raise
 
 
+def class_grid(images, rows, max_cols=100):
+    """(tiles, nrow) for save_grid: images in balanced_labels order over `rows` classes, one row per class, black
+    where a row runs short; at most max_cols per row, so a 50,000-image run still gives a viewable grid."""
+    cols = min(-(-len(images) // rows), max_cols)
+    tiles = np.zeros((cols * rows, *images.shape[1:]), np.uint8)
+    tiles[:len(images[:cols * rows])] = images[:cols * rows]
+    return tiles.reshape(cols, rows, *images.shape[1:]).swapaxes(0, 1).reshape(-1, *images.shape[1:]), cols
+
+
 def save_grid(images, path, nrow):
     """Tile uint8 images [N, H, W, 3] into rows of nrow and write them as one PNG."""
     n, h, w, _ = images.shape

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion import Schedule, ddim_sample
+from diffusion import Schedule, ancestral_sample, ddim_sample
+from flags import interval, number
 from model import UNet
-from runtime import autocast, one_line, pick_device, save_grid, write_atomic
+from runtime import autocast, class_grid, one_line, pick_device, save_grid, write_atomic
 
 
 class CheckpointError(ValueError):
@@ -52,7 +53,6 @@ def effective_to_sampling_w(config, w_eff):
     w_t = config["w"] if config["loss"] == "aligned" else 0.0
     return w_t + w_eff * (1 + w_t)
 
-
 def balanced_labels(n, classes):
     """n int64 labels cycling through classes (class ids, or a count k for 0..k-1): every prefix is balanced, and
     label i does not depend on n, so the first images of a long run are those of a short one."""
@@ -60,19 +60,14 @@ def balanced_labels(n, classes):
     return np.resize(np.asarray(classes, dtype=np.int64), n)
 
 
-def class_grid(images, rows, max_cols=100):
-    """(tiles, nrow) for save_grid: images in balanced_labels order over `rows` classes, one row per class, black
-    where a row runs short; at most max_cols per row, so a 50,000-image run still gives a viewable grid."""
-    cols = min(-(-len(images) // rows), max_cols)
-    tiles = np.zeros((cols * rows, *images.shape[1:]), np.uint8)
-    tiles[:len(images[:cols * rows])] = images[:cols * rows]
-    return tiles.reshape(cols, rows, *images.shape[1:]).swapaxes(0, 1).reshape(-1, *images.shape[1:]), cols
-
-
 @torch.no_grad()
 def sample_images(model, schedule, labels, *, null_class, w=0.0, steps=50, eta=0.0, clip_x0=True, seed=0,
-                  batch_size=None, device="cpu", amp=None, progress=None):
+                  batch_size=None, device="cpu", amp=None, progress=None, sampler="ddim", v=0.3,
+                  guidance_interval=None, w_unguided=0.0):
     """Draw one image per label, as uint8 [N, H, W, 3]; image i comes from its own generator seeded seed + i.
+
+    sampler "ddim" (with eta) or "ancestral" (Ho & Salimans' Algorithm 2, with v); guidance_interval and
+    w_unguided as in diffusion.py (w_unguided, the checkpoint's unguided scale, is the w of w_eff = 0).
 
     The generators live on the CPU, so the starting noise of image i is the same on every device and
     for every batch size. That makes it safe to halve the batch and retry on CUDA out-of-memory, so the
@@ -97,9 +92,11 @@ def sample_images(model, schedule, labels, *, null_class, w=0.0, steps=50, eta=0
     while start < len(labels):
         y = labels[start:start + batch_size].to(device)
         gens = [torch.Generator().manual_seed(seed + i) for i in range(start, start + len(y))]
+        kw = dict(w=w, steps=steps, null_class=null_class, generator=gens, clip_x0=clip_x0,
+                  guidance_interval=guidance_interval, w_unguided=w_unguided)
         try:
-            x = ddim_sample(eps_model, schedule, y, (len(y), *size), w=w, steps=steps, eta=eta,
-                            null_class=null_class, generator=gens, clip_x0=clip_x0)
+            x = (ddim_sample(eps_model, schedule, y, (len(y), *size), eta=eta, **kw) if sampler == "ddim" else
+                 ancestral_sample(eps_model, schedule, y, (len(y), *size), v=v, **kw))
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
                 raise
@@ -117,16 +114,24 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--w", type=float, default=0.0, help="eps~ = (1+w) eps(z,c) - w eps(z,null); -1 is unconditional")
-    g.add_argument("--w-eff", type=float, help="effective guidance instead: an aligned checkpoint trained at w_t samples "
+    g.add_argument("--w", type=number(float, lo=-1), default=0.0, help="eps~ = (1+w) eps(z,c) - w eps(z,null); -1 is "
+                   "unconditional (>= -1)")
+    g.add_argument("--w-eff", type=number(float), help="effective guidance instead: an aligned checkpoint trained at w_t samples "
                    "at w = w_t + w_eff (1 + w_t), a standard one at w = w_eff, so both losses compare at equal guidance")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0, help="0 is deterministic DDIM, 1 adds DDPM's posterior noise")
+    p.add_argument("--steps", type=number(int, lo=1), default=50, help="sampling steps (>= 1)")
+    p.add_argument("--sampler", choices=["ddim", "ancestral"], default="ddim", help="DDIM, or Ho & Salimans' Algorithm 2")
+    p.add_argument("--eta", type=number(float, 0, 1), default=0.0, help="ddim: 0 is deterministic, 1 adds DDPM's "
+                   "posterior noise (in [0, 1])")
+    p.add_argument("--v", type=number(float, 0, 1), default=0.3, help="ancestral: variance interpolation, 0 the "
+                   "posterior's, 1 the forward process's (in [0, 1]; theirs: 0.3 at 64x64, 0.2 at 128x128)")
+    p.add_argument("--guidance-interval", type=interval, metavar="LO,HI", help="guide only where the noise level "
+                   "sigma/alpha is in (LO, HI] (0 <= LO < HI; HI may be inf); None: every step")
     p.add_argument("--no-clip", action="store_true", help="do not clamp the predicted clean image to [-1, 1] each step")
-    p.add_argument("--n", type=int, default=100, help="number of images")
+    p.add_argument("--n", type=number(int, lo=1), default=100, help="number of images (>= 1)")
     p.add_argument("--classes", default="all", help="'all' or a comma list of ids or names (3,cat), cycled through")
-    p.add_argument("--batch-size", type=int, help="no effect on the images; None: 1024 on CUDA (halved on OOM), 8 on CPU")
-    p.add_argument("--seed", type=int, default=0, help="image i is drawn from a generator seeded seed + i")
+    p.add_argument("--batch-size", type=number(int, lo=1), help="no effect on the images; None: 1024 on CUDA (halved on "
+                   "OOM), 8 on CPU")
+    p.add_argument("--seed", type=number(int, lo=0), default=0, help="image i is drawn from a generator seeded seed + i")
     p.add_argument("--out", default="samples", help="directory for grid.png and samples.npz")
     p.add_argument("--png-dir", help="also write one PNG per image into this directory")
     p.add_argument("--device", type=pick_device, default="auto",
@@ -135,16 +140,13 @@ def main(argv=None):
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA weights")
     args = p.parse_args(argv)
     device = args.device
-    for flag, value in ("--steps", args.steps), ("--n", args.n), ("--batch-size", args.batch_size):
-        if value is not None and value < 1:
-            p.error(f"{flag} must be at least 1, got {value}")
     try:
         model, config = load_checkpoint(args.ckpt, device, ema=not args.no_ema)
     except CheckpointError as e:
         p.error(str(e))
     w = args.w if args.w_eff is None else effective_to_sampling_w(config, args.w_eff)
     if w < -1:
-        p.error(f"{'--w' if args.w_eff is None else '--w-eff'} gives guidance w = {w:g} < -1 (-1 is unconditional)")
+        p.error(f"--w-eff gives guidance w = {w:g} < -1 (-1 is unconditional)")
     names = config["class_names"]
     ids = {**{str(i): i for i in range(len(names))}, **{name: i for i, name in enumerate(names)}}
     tokens = list(ids)[:len(names)] if args.classes == "all" else [t.strip() for t in args.classes.split(",")]
@@ -152,11 +154,12 @@ def main(argv=None):
         p.error(f"unknown class {unknown[0]!r}: use ids 0-{len(names) - 1} or names {','.join(names)}")
     classes = [ids[t] for t in tokens]
     labels = balanced_labels(args.n, classes)
-    print(f"{args.ckpt}: {config['loss']} loss, {args.n} images at w = {w:g}, {args.steps} steps on {device}")
+    print(f"{args.ckpt}: {config['loss']} loss, {args.n} images at w = {w:g}, {args.steps} {args.sampler} steps on {device}")
     t0 = time.time()
     images = sample_images(model, Schedule(config["schedule"]), labels, null_class=config["unet"]["num_classes"], w=w,
                            steps=args.steps, eta=args.eta, clip_x0=not args.no_clip, seed=args.seed,
-                           batch_size=args.batch_size, device=device, amp=args.amp,
+                           batch_size=args.batch_size, device=device, amp=args.amp, sampler=args.sampler, v=args.v,
+                           guidance_interval=args.guidance_interval, w_unguided=effective_to_sampling_w(config, 0.0),
                            progress=lambda done, n: print(f"{done}/{n} images, {done / (time.time() - t0):.2f} images/s"))
     os.makedirs(args.out, exist_ok=True)
     tiles, nrow = class_grid(images, len(classes))

@@ -1,10 +1,11 @@
-"""The comparison: FID over guidance scale and DDIM steps for several checkpoints.
+"""The comparison: FID over guidance scale and sampling steps for several checkpoints.
 
     python sweep.py --ckpt runs/standard/ckpt.pt runs/aligned-w2/ckpt.pt --w 0,0.5,1,2,3,5 --steps 10,25,50 --n 10000
 
 Every cell (checkpoint x steps x w) draws the same n labels with the same per-image seeds, so cells differ
 only by the model and the sampler. Results go to results.csv (one row per cell, appended as each cell
-finishes; cells already there are skipped, so an interrupted sweep resumes) and results.md.
+finishes; cells already there are skipped, so an interrupted sweep resumes), results.md and, with
+matplotlib installed, results.png.
 """
 import argparse
 import csv
@@ -15,11 +16,13 @@ import time
 
 import fid
 from diffusion import Schedule
+from flags import interval, number, numbers
 from inception import FIDError, load_inception
-from runtime import pick_device, save_grid, write_atomic
-from sample import CheckpointError, balanced_labels, class_grid, effective_to_sampling_w, load_checkpoint, sample_images
+from runtime import class_grid, pick_device, save_grid, write_atomic
+from sample import CheckpointError, balanced_labels, effective_to_sampling_w, load_checkpoint, sample_images
 
-HEADER = ["checkpoint", "loss", "w_train", "p_uncond", "w", "w_eff", "steps", "eta", "n", "ref", "fid", "seconds"]
+HEADER = ["checkpoint", "loss", "w_train", "p_uncond", "w", "w_eff", "steps", "eta", "n", "ref", "fid", "seconds",
+          "sampler", "v", "interval"]
 
 
 def effective_w(config, w):
@@ -36,10 +39,31 @@ def run_name(path):
 
 
 def read_results(path):
+    """The rows of results.csv; rows from before the sampler columns existed were DDIM over every step."""
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return [{"sampler": "ddim", "v": "", "interval": "", **{k: v for k, v in r.items() if v is not None}}
+                for r in csv.DictReader(f)]
+
+
+def cell_key(row):
+    """What makes a cell: a rerun skips the cells whose key is already in results.csv."""
+    return (row["checkpoint"], float(row["w"]), int(row["steps"]), float(row["eta"]), int(row["n"]), row["ref"],
+            row["sampler"], row["v"], row["interval"])
+
+
+def sampler_text(sampler, v, guidance_interval):
+    """The sampler's three columns: v only for ancestral, the interval as (lo, hi] or empty for every step."""
+    return {"sampler": sampler, "v": repr(float(v)) if sampler == "ancestral" else "",
+            "interval": "" if guidance_interval is None else "(%g, %g]" % guidance_interval}
+
+
+def label(row, name=str):
+    """A row's method: name(its checkpoint), and the sampler unless it is DDIM over every step."""
+    extra = ([f"ancestral v={float(row['v']):g}"] if row["sampler"] == "ancestral" else []) + \
+        ([f"guidance in {row['interval']}"] if row["interval"] else [])
+    return name(row["checkpoint"]) + (f" ({', '.join(extra)})" if extra else "")
 
 
 def write_results(path, rows):
@@ -51,16 +75,17 @@ def write_results(path, rows):
 
 
 def markdown(rows, column):
-    """One table per step count: checkpoints as rows, `column` (w or w_eff) as columns, each row's best FID in bold."""
+    """One table per step count: checkpoints (and samplers) as rows, `column` (w or w_eff) as columns, each row's best
+    FID in bold."""
     out = []
     for steps in sorted({int(r["steps"]) for r in rows}):
         cells = [r for r in rows if int(r["steps"]) == steps]
         cols = sorted({float(r[column]) for r in cells})
-        out += [f"## {steps} DDIM steps: FID by {column}", "",
+        out += [f"## {steps} sampling steps: FID by {column}", "",
                 "| checkpoint | " + " | ".join(f"{column}={c:g}" for c in cols) + " |",
                 "| --- |" + " ---: |" * len(cols)]
-        for ckpt in dict.fromkeys(r["checkpoint"] for r in cells):
-            fids = {float(r[column]): float(r["fid"]) for r in cells if r["checkpoint"] == ckpt}
+        for ckpt in dict.fromkeys(map(label, cells)):
+            fids = {float(r[column]): float(r["fid"]) for r in cells if label(r) == ckpt}
             best = min(fids.values())
             row = [("**%.2f**" if fids[c] == best else "%.2f") % fids[c] if c in fids else "" for c in cols]
             out.append(f"| {ckpt} | " + " | ".join(row) + " |")
@@ -68,19 +93,37 @@ def markdown(rows, column):
     return "\n".join(out)
 
 
+def plot(rows, column, path):
+    """FID against `column`, one line per checkpoint, sampler and step count; False when matplotlib is missing."""
+    try:  # an optional dependency: the CSV and markdown are the results, the figure only shows them
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in dict.fromkeys((label(r, run_name), int(r["steps"])) for r in rows):
+        cells = sorted((float(r[column]), float(r["fid"])) for r in rows if (label(r, run_name), int(r["steps"])) == key)
+        ax.plot(*zip(*cells), marker="o", label=f"{key[0]}, {key[1]} steps")
+    ax.set(xlabel=column, ylabel="FID", title="FID by guidance scale")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+    return True
+
+
 def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train", out="sweep", eta=0.0, seed=0,
-              clip_x0=True, batch_size=None, device="cpu", amp=None, fid_batch_size=50, data_dir="data", weights=None):
+              clip_x0=True, batch_size=None, device="cpu", amp=None, fid_batch_size=50, data_dir="data", weights=None,
+              sampler="ddim", v=0.3, guidance_interval=None):
     """Sample and score every checkpoint x steps x w cell not yet in out/results.csv; return all rows."""
-    if n < 2:
-        raise FIDError(f"--n must be at least 2 for a FID, got {n}")
-    if min(steps_list) < 1:
-        raise FIDError(f"--steps must be at least 1, got {min(steps_list)}")
     if w_effs is None:
         ws = ws or [0.0]
+    method = sampler_text(sampler, v, guidance_interval)
     os.makedirs(os.path.join(out, "grids"), exist_ok=True)
     csv_path = os.path.join(out, "results.csv")
     rows = read_results(csv_path)
-    done = {(r["checkpoint"], float(r["w"]), int(r["steps"]), float(r["eta"]), int(r["n"]), r["ref"]) for r in rows}
+    done = set(map(cell_key, rows))
     try:  # fail early on a bad file, not after hours of sampling; each model is loaded once, ~140 MB at the default size
         models = {path: load_checkpoint(path, device=device) for path in ckpts}
     except CheckpointError as e:
@@ -92,50 +135,45 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
                 w = value if ws is not None else effective_to_sampling_w(models[path][1], value)
                 if w < -1:
                     raise FIDError(f"{path}: w_eff={value:g} maps to w={w:g} < -1")
-                if (path, w, steps, eta, n, ref) not in done:
+                if cell_key(dict(checkpoint=path, w=w, steps=steps, eta=eta, n=n, ref=ref, **method)) not in done:
                     todo.append((path, steps, w))
     print(f"sweep: {len(todo)} cells to compute, {len(done)} already in {csv_path}", file=sys.stderr)
-    if not todo:
-        return rows
-
-    inception = load_inception(weights, device)
-    mu_ref, sigma_ref, _ = fid.input_statistics(ref, inception, fid_batch_size, device, data_dir, weights)
+    column = "w" if ws is not None else "w_eff"
+    suffix = (f"_ancestral_v{v:g}" if sampler == "ancestral" else "") + \
+        ("_interval%g-%g" % guidance_interval if guidance_interval else "")  # grid names; "" for DDIM over every step
+    mine = lambda: [r for r in rows if (float(r["eta"]), int(r["n"]), r["ref"]) == (eta, n, ref)]
+    if todo:
+        inception = load_inception(weights, device)
+        mu_ref, sigma_ref, _ = fid.input_statistics(ref, inception, fid_batch_size, device, data_dir, weights)
     cost = lambda cell: cell[1] * (1 if cell[2] == 0 else 2)  # network evaluations per image
     total, spent, start = sum(map(cost, todo)), 0, time.time()
     for i, (path, steps, w) in enumerate(todo):
         model, config = models[path]
         labels = balanced_labels(n, config["unet"]["num_classes"])
         t0 = time.time()
-        images = sample_images(model, Schedule(config["schedule"]), labels, null_class=config["unet"]["num_classes"], w=w, steps=steps,
-                               eta=eta, clip_x0=clip_x0, seed=seed, batch_size=batch_size, device=device, amp=amp)
+        images = sample_images(model, Schedule(config["schedule"]), labels, null_class=config["unet"]["num_classes"], w=w,
+                               steps=steps, eta=eta, clip_x0=clip_x0, seed=seed, batch_size=batch_size, device=device,
+                               amp=amp, sampler=sampler, v=v, guidance_interval=guidance_interval,
+                               w_unguided=effective_to_sampling_w(config, 0.0))
         rate = n / (time.time() - t0)
         mu, sigma = fid.feature_statistics(fid.inception_features(inception, images, fid_batch_size, device))
         score = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
         seconds = time.time() - t0
         rows.append({"checkpoint": path, "loss": config["loss"], "w_train": "" if config["w"] is None else repr(config["w"]),
                      "p_uncond": repr(config["p_uncond"]), "w": repr(float(w)), "w_eff": repr(float(effective_w(config, w))),
-                     "steps": steps, "eta": repr(float(eta)), "n": n, "ref": ref, "fid": repr(score), "seconds": repr(seconds)})
+                     "steps": steps, "eta": repr(float(eta)), "n": n, "ref": ref, "fid": repr(score), "seconds": repr(seconds),
+                     **method})
         write_results(csv_path, rows)
-        column = "w" if ws is not None else "w_eff"
-        mine = [r for r in rows if (float(r["eta"]), int(r["n"]), r["ref"]) == (eta, n, ref)]
-        write_atomic(os.path.join(out, "results.md"), lambda f: f.write(markdown(mine, column).encode()))
+        write_atomic(os.path.join(out, "results.md"), lambda f: f.write(markdown(mine(), column).encode()))
         tiles, nrow = class_grid(images, rows=min(n, config["unet"]["num_classes"]), max_cols=8)
-        save_grid(tiles, os.path.join(out, "grids", f"{run_name(path)}_steps{steps}_w{w:g}.png"), nrow)
+        save_grid(tiles, os.path.join(out, "grids", f"{run_name(path)}_steps{steps}_w{w:g}{suffix}.png"), nrow)
         spent += cost(todo[i])
         eta_s = (time.time() - start) / spent * (total - spent)
         print(f"[cell {i + 1}/{len(todo)}] {run_name(path)} steps={steps} w={w:g}: FID {score:.4f} (n={n}) "
               f"{rate:.1f} img/s, {seconds:.1f} s; sweep ETA {eta_s / 60:.1f} min", file=sys.stderr)
+    if mine() and not plot(mine(), column, os.path.join(out, "results.png")):
+        print("sweep: matplotlib is not installed, so results.png was not drawn (pip install matplotlib)", file=sys.stderr)
     return rows
-
-
-def numbers(kind):
-    """An argparse type for a comma-separated list of numbers."""
-    def parse(text):
-        try:
-            return [kind(v) for v in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    return parse
 
 
 def main(argv=None):
@@ -143,18 +181,23 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", nargs="+", required=True, help="train.py checkpoints to compare")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--w", type=numbers(float), help="sampling guidance scales, e.g. 0,0.5,1,2 (None: 0)")
+    g.add_argument("--w", type=numbers(float, lo=-1), help="sampling guidance scales, e.g. 0,0.5,1,2 (each >= -1; None: 0)")
     g.add_argument("--w-eff", type=numbers(float), help="effective guidance scales instead of --w (see README)")
-    p.add_argument("--steps", type=numbers(int), default=[50], help="DDIM step counts, e.g. 10,25,50")
-    p.add_argument("--n", type=int, default=10000, help="images per cell")
+    p.add_argument("--steps", type=numbers(int, lo=1), default=[50], help="sampling step counts, e.g. 10,25,50 (each >= 1)")
+    p.add_argument("--sampler", choices=["ddim", "ancestral"], default="ddim", help="as in sample.py, for every cell")
+    p.add_argument("--v", type=number(float, 0, 1), default=0.3, help="ancestral's variance interpolation (in [0, 1])")
+    p.add_argument("--guidance-interval", type=interval, metavar="LO,HI", help="guide only where sigma/alpha is in "
+                   "(LO, HI], as in sample.py; None: every step")
+    p.add_argument("--n", type=number(int, lo=2), default=10000, help="images per cell (>= 2, for a covariance)")
     p.add_argument("--ref", default="cifar10-train", help="the reference input of fid.py")
     p.add_argument("--out", default="sweep", help="folder for results.csv, results.md and grids/")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--seed", type=int, default=0, help="image i of every cell starts from seed + i")
-    p.add_argument("--batch-size", type=int, help="images per sampling batch (None: 1024 on CUDA, halved on OOM; 8 on CPU)")
+    p.add_argument("--eta", type=number(float, 0, 1), default=0.0, help="DDIM eta (in [0, 1])")
+    p.add_argument("--seed", type=number(int, lo=0), default=0, help="image i of every cell starts from seed + i")
+    p.add_argument("--batch-size", type=number(int, lo=1), help="images per sampling batch (None: 1024 on CUDA, halved "
+                   "on OOM; 8 on CPU)")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], help="sampling autocast (None: bf16 on CUDA)")
     p.add_argument("--no-clip", action="store_true", help="do not clamp the predicted clean image to [-1, 1]")
-    p.add_argument("--fid-batch-size", type=int, default=50, help="images per Inception forward pass")
+    p.add_argument("--fid-batch-size", type=number(int, lo=1), default=50, help="images per Inception forward pass")
     p.add_argument("--device", type=pick_device, default="auto",
                    help="auto (cuda when there is one), cpu, cuda, cuda:N")
     p.add_argument("--weights", help="FID Inception weights (see fid.py --help)")
@@ -165,7 +208,8 @@ def main(argv=None):
         run_sweep(args.ckpt, args.steps, args.n, ws=args.w if args.w_eff is None else None, w_effs=args.w_eff,
                   ref=args.ref, out=args.out, eta=args.eta, seed=args.seed, clip_x0=not args.no_clip,
                   batch_size=args.batch_size, device=device, amp=args.amp, fid_batch_size=args.fid_batch_size,
-                  data_dir=args.data_dir, weights=args.weights)
+                  data_dir=args.data_dir, weights=args.weights, sampler=args.sampler, v=args.v,
+                  guidance_interval=args.guidance_interval)
     except FIDError as e:
         p.exit(2, f"sweep.py: error: {e}\n")
 

@@ -913,9 +913,14 @@ def test_write_atomic_keeps_the_old_file_when_interrupted(tmp_path):
     (["--ckpt", "BROKEN"], "not a checkpoint of this project (RuntimeError"),
     (["--classes", "3,dragon"], "unknown class 'dragon'"),
     (["--classes", "10"], "unknown class '10'"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--n", "0"], "--n must be at least 1"),
-    (["--w", "-1.5"], "--w gives guidance w = -1.5 < -1"),
+    (["--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
+    (["--n", "0"], "argument --n: expected an integer >= 1, got '0'"),
+    (["--w", "-1.5"], "argument --w: expected a finite number >= -1, got '-1.5'"),
+    (["--v", "1.5"], "argument --v: expected a finite number in [0, 1], got '1.5'"),
+    (["--sampler", "euler"], "argument --sampler: invalid choice: 'euler'"),
+    (["--guidance-interval", "2,1"], "expected LO,HI with 0 <= LO < HI"),
+    (["--guidance-interval=-1,1"], "expected LO,HI with 0 <= LO < HI"),
+    (["--guidance-interval", "1"], "expected LO,HI, got '1'"),
     (["--w-eff", "-1.2"], "--w-eff gives guidance w = -1.6 < -1"),  # trained at w_t = 2: w = 2 - 1.2 * 3
 ])
 def test_sample_bad_input_exits_2_with_one_line_message(args, message, sample_ckpt, tmp_path, capsys):
@@ -934,10 +939,34 @@ def test_sample_bad_input_exits_2_with_one_line_message(args, message, sample_ck
     assert not (tmp_path / "out").exists()
 
 
+def test_sample_guidance_interval_falls_back_to_the_checkpoints_unguided_scale(sample_ckpt, tmp_path):
+    """Outside the interval a checkpoint samples at its own w_eff = 0: w = 0 if standard, w = w_t (here 2) if aligned."""
+    standard = str(_sample_write_checkpoint(tmp_path / "standard.pt", loss="standard", w=None, seed=1))
+    nowhere, everywhere = ["--guidance-interval", "1e5,1e6"], ["--guidance-interval", "0,inf"]
+    run = lambda ckpt, name, *a: _sample_run(ckpt, tmp_path / name, "--n", "4", "--eta", "1", *a)[0]
+    for ckpt, unguided in [(sample_ckpt, "2"), (standard, "0")]:
+        name = Path(ckpt).stem
+        assert np.array_equal(run(ckpt, name + "nowhere", "--w", "5", *nowhere), run(ckpt, name + "plain", "--w", unguided))
+        assert np.array_equal(run(ckpt, name + "everywhere", "--w", "5", *everywhere), run(ckpt, name + "w5", "--w", "5"))
+        assert not np.array_equal(run(ckpt, name + "w5", "--w", "5"), run(ckpt, name + "plain", "--w", unguided))
+
+
+def test_sample_ancestral_sampler_through_the_command_line(sample_ckpt, tmp_path, capsys, monkeypatch):
+    calls, real = [], sample.ancestral_sample
+    monkeypatch.setattr(sample, "ancestral_sample", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(sample, "ddim_sample", None)  # must not be called
+    run = lambda v: _sample_run(sample_ckpt, tmp_path / v, "--n", "4", "--w", "1", "--sampler", "ancestral", "--v", v)[0]
+    first, second = run("0"), run("0.3")
+    assert "ancestral steps" in capsys.readouterr().out
+    assert [(kw["v"], kw["w"], kw["steps"], kw["w_unguided"], kw["clip_x0"]) for kw in calls] == [
+        (0.0, 1.0, 3, 2.0, True), (0.3, 1.0, 3, 2.0, True)]  # the aligned checkpoint's unguided w is its w_t = 2
+    assert np.abs(first.astype(int) - second).max() > 20
+
+
 def test_sample_command_line(sample_ckpt, tmp_path):
     script = str(Path(__file__).parent / "sample.py")
     bad = subprocess.run([sys.executable, script, "--ckpt", sample_ckpt, "--n", "-3"], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.splitlines()[-1] == "sample.py: error: --n must be at least 1, got -3"
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1] == "sample.py: error: argument --n: expected an integer >= 1, got '-3'"
     good = subprocess.run([sys.executable, script, "--ckpt", sample_ckpt, "--n", "2", "--steps", "2", "--w-eff", "1",
                            "--out", str(tmp_path)], capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
@@ -1232,7 +1261,7 @@ def _sweep_setup(tmp_path):
 def _sweep_csv(path):
     with open(path) as f:
         lines = f.read().splitlines()
-    return lines[0], [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]], lines[1:]
+    return lines[0], sweep.read_results(path), lines[1:]
 
 
 def test_sweep_writes_results_and_resumes_only_missing_cells(tmp_path):
@@ -1245,7 +1274,8 @@ def test_sweep_writes_results_and_resumes_only_missing_cells(tmp_path):
     assert "[cell 4/4]" in run.stderr and "img/s" in run.stderr and "ETA" in run.stderr
 
     header, rows, lines = _sweep_csv(out / "results.csv")
-    assert header == "checkpoint,loss,w_train,p_uncond,w,w_eff,steps,eta,n,ref,fid,seconds"
+    assert header == "checkpoint,loss,w_train,p_uncond,w,w_eff,steps,eta,n,ref,fid,seconds,sampler,v,interval"
+    assert all((r["sampler"], r["v"], r["interval"]) == ("ddim", "", "") for r in rows)
     assert [(r["checkpoint"], r["loss"], r["w_train"], float(r["w"]), float(r["w_eff"])) for r in rows] == [
         (ckpts[0], "standard", "", 0.0, 0.0), (ckpts[0], "standard", "", 2.0, 2.0),
         (ckpts[1], "aligned", "2.0", 0.0, -2 / 3), (ckpts[1], "aligned", "2.0", 2.0, 0.0)]  # (w - 2) / (1 + 2)
@@ -1253,7 +1283,7 @@ def test_sweep_writes_results_and_resumes_only_missing_cells(tmp_path):
     assert len(set(r["fid"] for r in rows)) == 4
 
     md = (out / "results.md").read_text()
-    assert "## 2 DDIM steps" in md and "| checkpoint | w=0 | w=2 |" in md
+    assert "## 2 sampling steps" in md and "| checkpoint | w=0 | w=2 |" in md
     for ckpt in ckpts:
         fids = [float(r["fid"]) for r in rows if r["checkpoint"] == ckpt]
         row = next(line for line in md.splitlines() if line.startswith(f"| {ckpt} |"))
@@ -1291,11 +1321,38 @@ def test_sweep_effective_w_maps_per_checkpoint(tmp_path, capsys):
     assert "| checkpoint | w_eff=1 |" in (tmp_path / "s" / "results.md").read_text()
 
 
+def test_sweep_sampler_columns_are_part_of_the_resume_key(tmp_path, capsys, monkeypatch):
+    ckpts, ref = _sweep_setup(tmp_path)
+    out = tmp_path / "s"
+    base = ["--ckpt", ckpts[0], "--w", "1", "--steps", "2", "--n", "2", "--ref", ref, "--out", str(out)]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
+    sweep.main(base)
+    assert capsys.readouterr().err.count("matplotlib is not installed") == 1 and not (out / "results.png").exists()
+    ancestral = base + ["--sampler", "ancestral", "--v", "0.2", "--guidance-interval", "0.5,inf"]
+    sweep.main(ancestral)  # another sampler: new cells, not the DDIM ones again
+    _, rows, _ = _sweep_csv(out / "results.csv")
+    assert [(r["sampler"], r["v"], r["interval"]) for r in rows] == [("ddim", "", ""), ("ancestral", "0.2", "(0.5, inf]")]
+    assert rows[0]["fid"] != rows[1]["fid"]
+    assert (out / "grids" / "standard_steps2_w1_ancestral_v0.2_interval0.5-inf.png").exists()
+    assert "| standard/ckpt.pt (ancestral v=0.2, guidance in (0.5, inf]) |" in (out / "results.md").read_text().replace(
+        str(tmp_path) + "/", "")
+    capsys.readouterr()
+    sweep.main(ancestral)  # resumes by sampler, v and interval: nothing left to do
+    assert "0 cells to compute, 2 already" in capsys.readouterr().err and len(_sweep_csv(out / "results.csv")[1]) == 2
+    monkeypatch.undo()  # matplotlib back as it was
+    pytest.importorskip("matplotlib")
+    sweep.main(ancestral)
+    with Image.open(out / "results.png") as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--w", "0", "--w-eff", "1"], "not allowed with argument"),
-    (["--w", "-2"], "< -1"),
-    (["--n", "1"], "at least 2"),
-    (["--steps", "0"], "at least 1"),
+    (["--w", "-2"], "argument --w: expected a finite number >= -1, got '-2'"),
+    (["--n", "1"], "argument --n: expected an integer >= 2, got '1'"),
+    (["--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
+    (["--v", "-0.1"], "argument --v: expected a finite number in [0, 1]"),
+    (["--guidance-interval", "3,3"], "expected LO,HI with 0 <= LO < HI"),
     (["junk"], "is not a checkpoint"),
 ])
 def test_sweep_bad_input_exits_2_with_a_message(tmp_path, capsys, extra, message):
