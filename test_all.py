@@ -31,7 +31,7 @@ import sample
 import sweep
 import train
 from diffusion import Schedule, add_noise, ancestral_sample, ddim_sample
-from losses import aligned_loss, standard_loss
+from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
 
 # ---- diffusion.py: schedules ----
@@ -374,6 +374,41 @@ def test_detach_uncond_stops_exactly_the_unconditional_gradient():
     full, detached = grads(False), grads(True)
     assert full[10] != 0 and detached[10] == 0  # only the unconditional term reaches the null row here
     torch.testing.assert_close(full[:10], detached[:10])  # the conditional gradient is untouched
+
+
+def test_guidance_free_loss_equals_hand_computation_and_stops_the_teacher_gradient():
+    """Student eps = k[y] z and teacher eps_T = q[y] z, both known: the target, the mask (dropped labels and t outside
+    t_range get plain eps), the loss and the student's gradient by hand; no gradient reaches the teacher."""
+    sch, student, teacher = Schedule("cosine"), ScaleModel(), ScaleModel()
+    with torch.no_grad():
+        teacher.k.copy_(torch.linspace(1.3, -0.2, 11))
+    x0, y, p, W, t_range = torch.randn(32, 3, 4, 4), torch.randint(0, 10, (32,)), 0.3, 2.0, (0.2, 0.9)
+    torch.manual_seed(5)
+    t, eps, drop = torch.rand(32), torch.randn(32, 3, 4, 4), torch.rand(32) < p
+    y_tilde = torch.where(drop, 10, y)
+    kept = ~drop & (t >= 0.2) & (t <= 0.9)
+    assert 0 < drop.sum() and 0 < kept.sum() < (~drop).sum()  # every case occurs
+    alpha, sigma = (v[:, None, None, None] for v in sch.alpha_sigma(t))
+    z = alpha * x0 + sigma * eps
+    k, q, u = student.k.detach(), teacher.k.detach(), W / (1 + W)
+    target = eps + u * kept.float()[:, None, None, None] * (q[y_tilde] - q[10])[:, None, None, None] * z
+    residual = k[y_tilde][:, None, None, None] * z - target
+    expected = (residual**2).mean()
+    grad = torch.zeros(11).index_add_(0, y_tilde, (2 * residual * z).flatten(1).sum(1) / residual.numel())
+
+    torch.manual_seed(5)
+    loss = guidance_free_loss(student, teacher, sch, x0, y, w=W, p_uncond=p, null_class=10, t_range=t_range)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    torch.testing.assert_close(student.k.grad, grad)
+    assert teacher.k.grad is None
+    torch.manual_seed(5)  # before the warm-up ends (guide=False) it is the standard loss
+    unguided = guidance_free_loss(student, teacher, sch, x0, y, w=W, p_uncond=p, null_class=10, guide=False)
+    torch.manual_seed(5)
+    torch.testing.assert_close(unguided, standard_loss(student, sch, x0, y, p_uncond=p, null_class=10))
+    for bad in (-1.0, -3.0):  # u = W / (1 + W) >= 1: no fixed point
+        with pytest.raises(ValueError, match="no fixed point"):
+            guidance_free_loss(student, teacher, sch, x0, y, w=bad, null_class=10)
 
 
 # ---- model.py ----
