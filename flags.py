@@ -2,6 +2,7 @@
 `error:` and exit status 2, before any work starts and before any output is opened."""
 import argparse
 import math
+import os
 
 
 def _bounds(kind, lo, hi, lo_open, hi_open):
@@ -51,3 +52,39 @@ def interval(text):
     if not (math.isfinite(lo) and 0 <= lo < hi) or math.isnan(hi):
         raise argparse.ArgumentTypeError(f"expected LO,HI with 0 <= LO < HI (HI may be inf), got {text!r}")
     return lo, hi
+
+
+def existing_file(text):
+    """A path to a readable, non-empty file."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text} is a directory, expected a file")
+    if os.path.getsize(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text} is empty")
+    return text
+
+
+def _creatable(path, kind):
+    """path, if it is a `kind` ("file" or "directory") already or could become one: nothing in the way of it is a
+    file, and its nearest existing folder is writable. Nothing is created here."""
+    if kind == "directory" and os.path.isfile(path) or kind == "file" and os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path} is a {'file' if kind == 'directory' else 'directory'}, expected a {kind}")
+    parent = os.path.abspath(path) if kind == "directory" else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"{path}: {parent} is a file, so the {kind} cannot be created")
+    if not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{path}: {parent} is not writable")
+    return path
+
+
+def output_dir(text):
+    """A folder that exists or can be created (created later, when the command writes to it)."""
+    return _creatable(text, "directory")
+
+
+def output_file(text):
+    """A file that exists or can be created (written later, atomically)."""
+    return _creatable(text, "file")

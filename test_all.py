@@ -790,7 +790,7 @@ def test_fid_wrong_weights_file_exit_2(tmp_path, capsys):
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
     for weights, message in [(junk, "not an FID Inception weights file"),
                              (tmp_path / "other.pth", "not an FID Inception weights file"),
-                             (tmp_path / "missing.pth", "not found")]:
+                             (tmp_path / "missing.pth", "missing.pth: no such file")]:
         err = _fid_main_error([str(tmp_path / "adm.npz"), str(tmp_path / "adm.npz"), "--weights", str(weights)], capsys)
         assert message in err
 
