@@ -81,7 +81,8 @@ class MLP(torch.nn.Module):
 
     def __init__(self, width=64, depth=3):
         super().__init__()
-        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(1000), 16)))  # periods from 2 pi to 2 pi/1000
+        # frequencies 1 to 1000: the slowest spans t in [0, 1] without wrapping, the fastest resolves far below DDIM's 0.02
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(1000), 16)))
         self.embed = torch.nn.Embedding(K + 1, width)
         self.inp = torch.nn.Linear(2 + 32, width)
         hidden = [m for _ in range(depth) for m in (torch.nn.SiLU(), torch.nn.Linear(width, width))]
@@ -117,9 +118,8 @@ def train(loss, *, w=None, steps=3000, batch=512, width=64, lr=5e-3, p_uncond=0.
 def sample(eps_model, w, steps, n, seed):
     """n points by guided DDIM (Ho & Salimans eq. 6: (1 + w) eps(z, c) - w eps(z, null)), labels 0, 1, .., K-1, 0, .."""
     y = torch.arange(n) % K
-    with torch.no_grad():
-        x = ddim_sample(eps_model, SCHEDULE, y, (n, 2), w=w, steps=steps, null_class=K,
-                        generator=torch.Generator().manual_seed(seed), clip_x0=False)  # no clip: data are not in [-1, 1]
+    x = ddim_sample(eps_model, SCHEDULE, y, (n, 2), w=w, steps=steps, null_class=K,
+                    generator=torch.Generator().manual_seed(seed), clip_x0=False)  # no clip: data are not in [-1, 1]
     return x, y
 
 
@@ -158,8 +158,9 @@ def methods(models, w_eff):
     """(row name, eps model, sampling w) of each method at effective guidance w_eff; a new loss is one more row.
 
     The oracle and a standard model have w_eff = w. An aligned model trained at w_t has w_eff = (w - w_t) / (1 + w_t),
-    so it is sampled at w = w_t + w_eff (1 + w_t), and, as the naive comparison, at w = w_eff."""
-    rows = [("oracle, 2nd seed (its sw1: the noise floor)", oracle, w_eff), ("standard @ w = w_eff", models["standard"], w_eff)]
+    so it is sampled at w = w_t + w_eff (1 + w_t), and, as the naive comparison, at w = w_eff. The network evaluations
+    per sample step follow from w: ddim_sample makes one pass at w = 0, else one on a doubled batch (2 evaluations)."""
+    rows = [("oracle (2nd seed: its sw1 is the noise floor)", oracle, w_eff), ("standard @ w = w_eff", models["standard"], w_eff)]
     for wt, model in models["aligned"].items():
         rows += [(f"aligned w_t={wt:g} @ w = {wt:g} + {1 + wt:g} w_eff", model, wt + w_eff * (1 + wt)),
                  (f"aligned w_t={wt:g} @ w = w_eff (naive)", model, w_eff)]
@@ -175,7 +176,7 @@ def draw(panels, names, w_effs, path, size=96, lim=4.0):
     for j, w_eff in enumerate(w_effs):
         pen.text((left + j * size + 4, 2), f"w_eff={w_eff:g}", fill="black")
     for i, name in enumerate(names):
-        pen.text((4, top + i * size + size // 2 - 6), name.split(" (")[0].replace(", 2nd seed", ""), fill="black")
+        pen.text((4, top + i * size + size // 2 - 6), name.split(" (")[0], fill="black")
         for j, w_eff in enumerate(w_effs):
             x, y = panels[name, w_eff]
             h = np.stack([np.histogram2d(x[y == c, 1].numpy(), x[y == c, 0].numpy(), bins=size,
@@ -190,9 +191,13 @@ def draw(panels, names, w_effs, path, size=96, lim=4.0):
 
 def write_atomic(path, write):
     """Write through write(f) to path + ".tmp", then rename: a crash never leaves a half-written file at path."""
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+        os.replace(path + ".tmp", path)
+    finally:  # after a failure, Ctrl-C included, no half-written temporary stays behind either
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
 
 
 def tables(rows, header):
@@ -261,6 +266,7 @@ def main(argv=None):
     cells = [(args.ddim_steps, w) for w in args.w_eff] + [(args.few_steps, w) for w in (0.0, 2.0) if args.few_steps]
     rows, panels = [], {}
     for steps, w_eff in cells:
+        first = len(rows)
         ref, y = sample(oracle, w_eff, steps, args.n, args.seed)
         for name, model, w in methods(models, w_eff):
             x, _ = sample(model, w, steps, args.n, args.seed + 1)  # every method from the same noise, not ref's
@@ -268,13 +274,14 @@ def main(argv=None):
                          "n": args.n, **measure(x, y, ref, thresholds)})
             if steps == args.ddim_steps:
                 panels[name, w_eff] = (x, y)
-        log(f"sampled w_eff={w_eff:g} at {steps} DDIM steps: " + ", ".join(f"{r['sw1']:.3f}" for r in rows[-len(methods(models, 0)):]))
+        log(f"sampled w_eff={w_eff:g} at {steps} DDIM steps: " + ", ".join(f"{r['sw1']:.3f}" for r in rows[first:]))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(os.path.join(args.out, "results.csv"), lambda f: f.write(buf.getvalue().encode()))
-    header = (f"# Toy with exact scores\n\n`python toy.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
+    command = " ".join(["python toy.py", *(sys.argv[1:] if argv is None else argv)])
+    header = (f"# Toy with exact scores\n\n`{command}`: "
               f"{args.steps} training steps of each model (batch {args.batch}, p_uncond {args.p_uncond:g}, MLP width "
               f"{args.width}), {args.n} points per sample set, DDIM eta = 0. Network evaluations per sample step: 1 where the "
               "sampling w is 0, else 2 (one pass on a doubled batch); `results.csv` gives each row's w. The oracle row is "
