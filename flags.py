@@ -34,12 +34,12 @@ def number(kind=float, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
     return parse
 
 
-def numbers(kind=float, **bounds):
-    """An argparse type for a comma list of number(kind, **bounds), e.g. --w 0,0.5,1."""
+def numbers(kind=float, empty_ok=False, **bounds):
+    """An argparse type for a comma list of number(kind, **bounds), e.g. --w 0,0.5,1; with empty_ok, '' is []."""
     one = number(kind, **bounds)
 
     def parse(text):
-        return [one(v.strip()) for v in text.split(",")]
+        return [] if empty_ok and not text.strip() else [one(v.strip()) for v in text.split(",")]
     return parse
 
 

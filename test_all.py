@@ -1487,6 +1487,19 @@ def test_toy_trained_models_follow_their_effective_guidance(one_thread):
     assert to_2 < 0.6 * to_0, (to_2, to_0)
 
 
+def test_toy_guidance_free_model_at_w0_samples_like_cfg_at_its_W(one_thread):
+    """guidance-free at W = 2, sampled at w = 0 (one evaluation a step), lands near oracle @ 2, not oracle @ 0.
+
+    Measured on 3 seeds (300 steps, 3000 points, 25 DDIM steps): the distance ratio to oracle @ 2 and @ 0 is
+    0.28-0.34; 2.5-2.8 with the guidance term's sign flipped, 0.79-0.82 with u = W instead of W / (1 + W), and
+    1.1-1.6 with u = 1 / (1 + W)."""
+    n, y = 3000, torch.arange(3000) % toy.K
+    oracle_at = {w: toy.sample(toy.oracle, w, 25, n, seed=0)[0] for w in (0.0, 2.0)}
+    x = toy.sample(toy.train("guidance-free", w=2.0, steps=300, batch=256), 0.0, 25, n, seed=1)[0]
+    to_0, to_2 = toy.sliced_w1(x, oracle_at[0.0], y), toy.sliced_w1(x, oracle_at[2.0], y)
+    assert to_2 < 0.5 * to_0, (to_2, to_0)
+
+
 def test_toy_command_writes_tables_csv_and_figure(tmp_path, one_thread):
     out = tmp_path / "toy"
     toy.main(["--out", str(out), "--steps", "20", "--n", "30", "--w-eff", "0,1", "--ddim-steps", "4", "--few-steps", "2"])
@@ -1497,10 +1510,14 @@ def test_toy_command_writes_tables_csv_and_figure(tmp_path, one_thread):
     assert cells == [(4, 0.0, 2.0, 2), (4, 1.0, 5.0, 2), (2, 0.0, 2.0, 2), (2, 2.0, 8.0, 2)]
     naive = [(float(r["w"]), int(r["nfe_per_step"])) for r in rows if r["method"].endswith("(naive)")]
     assert naive == [(0.0, 1), (1.0, 2), (0.0, 1), (2.0, 2)]
-    assert len(rows) == 16 and all(0 <= float(r["ood"]) <= 1 and 0 < float(r["fidelity"]) <= 1 for r in rows)
+    free = [(r["method"], int(r["steps"]), float(r["w_eff"]), float(r["w"]), int(r["nfe_per_step"]))
+            for r in rows if r["method"].startswith("guidance-free")]  # only where w_eff = W, at w = 0: one evaluation
+    assert free == [("guidance-free W=1 @ w = 0", 4, 1.0, 0.0, 1), ("guidance-free W=2 @ w = 0", 2, 2.0, 0.0, 1)]
+    assert len(rows) == 18 and all(0 <= float(r["ood"]) <= 1 and 0 < float(r["fidelity"]) <= 1 for r in rows)
     md = (out / "results.md").read_text()
     assert md.count("\n## ") == 3 and "| method | w_eff=0, 4 steps | w_eff=1, 4 steps | w_eff=0, 2 steps | w_eff=2, 2 steps |" in md
-    assert Image.open(out / "toy.png").size == (230 + 2 * 96, 16 + 4 * 96)  # 4 methods x 2 w_eff at --ddim-steps
+    assert "| guidance-free W=1 @ w = 0 |  | " in md  # blank where w_eff != W
+    assert Image.open(out / "toy.png").size == (230 + 2 * 96, 16 + 5 * 96)  # 5 methods x 2 w_eff at --ddim-steps
 
 
 @pytest.mark.parametrize("extra, message", [(["--n", "-5"], "argument --n: expected an integer >= 6"),

@@ -1,13 +1,15 @@
-"""Both CFG losses on a 2-D toy whose guided scores are known exactly: python toy.py [--out toy/]
+"""The CFG losses on a 2-D toy whose guided scores are known exactly: python toy.py [--out toy/]
 
 Each class is a mixture of isotropic Gaussians, so its noised density is one too, and the exact E[eps | z_t, c]
 and E[eps | z_t] are closed-form (Tweedie). Wrapped as an eps_model, they let diffusion.ddim_sample draw exact
-classifier-free guidance, up to DDIM's discretisation: the oracle. Small MLPs trained with losses.standard_loss
-and losses.aligned_loss are sampled at equal effective guidance w_eff = (w - w_t) / (1 + w_t) (README, "Reading
-the comparison") and measured against the oracle at that w_eff: sliced W1 distance, out-of-distribution rate,
-class fidelity. Writes results.md, results.csv and toy.png to --out; progress lines go to stderr.
+classifier-free guidance, up to DDIM's discretisation: the oracle. Small MLPs trained with losses.standard_loss,
+losses.aligned_loss and losses.guidance_free_loss are sampled at equal effective guidance (w_eff = (w - w_t) /
+(1 + w_t) for aligned, README "Reading the comparison"; a guidance-free model at w = 0 has w_eff = W) and measured
+against the oracle at that w_eff: sliced W1 distance, out-of-distribution rate, class fidelity. Writes results.md,
+results.csv and toy.png to --out; progress lines go to stderr.
 """
 import argparse
+import copy
 import csv
 import io
 import math
@@ -21,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from diffusion import Schedule, ddim_sample
 from flags import number, numbers, output_dir
-from losses import aligned_loss, standard_loss
+from losses import aligned_loss, guidance_free_loss, standard_loss
 from runtime import write_atomic
 
 K = 3  # classes; label K is the null class
@@ -95,25 +97,33 @@ class MLP(torch.nn.Module):
         return self.net(self.inp(torch.cat([z, angles.sin(), angles.cos()], 1)) + self.embed(y))
 
 
-def train(loss, *, w=None, steps=3000, batch=512, width=64, lr=5e-3, p_uncond=0.1, seed=0):
-    """An MLP trained with losses.standard_loss (loss="standard") or losses.aligned_loss at w (loss="aligned").
+def train(loss, *, w=None, steps=3000, batch=512, width=64, lr=5e-3, p_uncond=0.1, seed=0, ema_decay=0.99, gf_start=0.3):
+    """An MLP trained with losses.standard_loss (loss="standard"), losses.aligned_loss at w (loss="aligned") or
+    losses.guidance_free_loss at W = w (loss="guidance-free"), whose teacher is an EMA of the model (ema_decay) and
+    whose guidance term starts after the first gf_start share of the steps, when the teacher is a sensible model.
 
-    The seed fixes the initial weights and every draw (labels, data, t, eps, dropout), so two losses see the same data."""
+    The seed fixes the initial weights and every draw (labels, data, t, eps, dropout), so the losses see the same data."""
     torch.manual_seed(seed)
     model = MLP(width)
+    teacher = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)  # linear to 0: settles in few steps
-    for _ in range(steps):
+    for step in range(steps):
         y = torch.randint(0, K, (batch,))
         x = sample_data(y)
         if loss == "standard":
             value = standard_loss(model, SCHEDULE, x, y, p_uncond=p_uncond, null_class=K)
-        else:
+        elif loss == "aligned":
             value = aligned_loss(model, SCHEDULE, x, y, w=w, p_uncond=p_uncond, null_class=K)
+        else:
+            value = guidance_free_loss(model, teacher, SCHEDULE, x, y, w=w, p_uncond=p_uncond, null_class=K,
+                                       guide=step >= gf_start * steps)
         opt.zero_grad()
         value.backward()
         opt.step()
         decay.step()
+        if loss == "guidance-free":
+            torch._foreach_lerp_(list(teacher.parameters()), list(model.parameters()), 1 - ema_decay)
     return model.eval()
 
 
@@ -160,13 +170,15 @@ def methods(models, w_eff):
     """(row name, eps model, sampling w) of each method at effective guidance w_eff; a new loss is one more row.
 
     The oracle and a standard model have w_eff = w. An aligned model trained at w_t has w_eff = (w - w_t) / (1 + w_t),
-    so it is sampled at w = w_t + w_eff (1 + w_t), and, as the naive comparison, at w = w_eff. The network evaluations
+    so it is sampled at w = w_t + w_eff (1 + w_t), and, as the naive comparison, at w = w_eff. A guidance-free model
+    trained at W appears where w_eff = W, sampled at w = 0. The network evaluations
     per sample step follow from w: ddim_sample makes one pass at w = 0, else one on a doubled batch (2 evaluations)."""
     rows = [("oracle (2nd seed: its sw1 is the noise floor)", oracle, w_eff), ("standard @ w = w_eff", models["standard"], w_eff)]
     for wt, model in models["aligned"].items():
         rows += [(f"aligned w_t={wt:g} @ w = {wt:g} + {1 + wt:g} w_eff", model, wt + w_eff * (1 + wt)),
                  (f"aligned w_t={wt:g} @ w = w_eff (naive)", model, w_eff)]
-    return rows
+    # a guidance-free model trained at W samples w_eff = W at w = 0, with one network evaluation a step
+    return rows + [(f"guidance-free W={W:g} @ w = 0", model, 0.0) for W, model in models["guidance-free"].items() if W == w_eff]
 
 
 def draw(panels, names, w_effs, path, size=96, lim=4.0):
@@ -180,6 +192,8 @@ def draw(panels, names, w_effs, path, size=96, lim=4.0):
     for i, name in enumerate(names):
         pen.text((4, top + i * size + size // 2 - 6), name.split(" (")[0], fill="black")
         for j, w_eff in enumerate(w_effs):
+            if (name, w_eff) not in panels:  # a guidance-free model exists at w_eff = W only
+                continue
             x, y = panels[name, w_eff]
             h = np.stack([np.histogram2d(x[y == c, 1].numpy(), x[y == c, 0].numpy(), bins=size,
                                          range=[[-lim, lim]] * 2)[0][::-1] for c in range(K)])
@@ -202,7 +216,8 @@ def tables(rows, header):
                             ("fidelity", "Class fidelity: mean exact p(c | x) of the requested class", "{:.3f}")]:
         out += [f"## {title}", "", "| method | " + " | ".join(f"w_eff={w:g}, {s} steps" for s, w in cells) + " |",
                 "|---" * (len(cells) + 1) + "|"]
-        out += ["| " + name + " | " + " | ".join(fmt.format(value[name, s, w][key]) for s, w in cells) + " |" for name in names]
+        out += ["| " + name + " | " + " | ".join(fmt.format(value[name, s, w][key]) if (name, s, w) in value else ""
+                                                  for s, w in cells) + " |" for name in names]
         out.append("")
     return "\n".join(out)
 
@@ -219,6 +234,8 @@ def get_parser():
                    "the same for every loss")
     p.add_argument("--w-train", type=numbers(float, lo=0), default=[2.0], help="comma list of w_t (>= 0): one aligned "
                    "model each")
+    p.add_argument("--gf-w", type=numbers(float, empty_ok=True, lo=0), default=[1.0, 2.0], help="comma list of W (>= 0): one "
+                   "guidance-free model each, sampled at w = 0 where w_eff = W ('' for none)")
     p.add_argument("--w-eff", type=numbers(float, lo=-1), default=[-0.5, 0, 0.5, 1, 2, 4], help="effective guidance "
                    "(each >= -1), at --ddim-steps")
     p.add_argument("--ddim-steps", type=number(int, lo=1), default=50, help="DDIM steps of every sample set")
@@ -245,6 +262,8 @@ def main(argv=None):
     for wt in args.w_train:
         models["aligned"][wt] = train("aligned", w=wt, **kw)
         log(f"trained aligned at w_t={wt:g}")
+    models["guidance-free"] = {W: train("guidance-free", w=W, **kw) for W in args.gf_w}
+    log(f"trained guidance-free at W={','.join(f'{W:g}' for W in args.gf_w)}")
     thresholds = ood_thresholds()
     cells = [(args.ddim_steps, w) for w in args.w_eff] + [(args.few_steps, w) for w in (0.0, 2.0) if args.few_steps]
     rows, panels = [], {}
