@@ -13,10 +13,12 @@ import os
 import sys
 import time
 
+import numpy as np
+
 import fid
 from diffusion import Schedule
 from inception import FIDError, load_inception
-from runtime import pick_device, save_grid, write_atomic
+from runtime import gather_on_main, init_distributed, pick_device, rank_and_world, save_grid, share, write_atomic
 from sample import CheckpointError, balanced_labels, class_grid, effective_to_sampling_w, load_checkpoint, sample_images
 
 HEADER = ["checkpoint", "loss", "w_train", "p_uncond", "w", "w_eff", "steps", "eta", "n", "ref", "fid", "seconds"]
@@ -70,7 +72,8 @@ def markdown(rows, column):
 
 def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train", out="sweep", eta=0.0, seed=0,
               clip_x0=True, batch_size=None, device="cpu", amp=None, fid_batch_size=50, data_dir="data", weights=None):
-    """Sample and score every checkpoint x steps x w cell not yet in out/results.csv; return all rows."""
+    """Sample and score every checkpoint x steps x w cell not yet in out/results.csv; return all rows. Under torchrun
+    each rank draws its block of every cell's images and rank 0 alone scores them and writes."""
     if n < 2:
         raise FIDError(f"--n must be at least 2 for a FID, got {n}")
     if min(steps_list) < 1:
@@ -94,20 +97,27 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
                     raise FIDError(f"{path}: w_eff={value:g} maps to w={w:g} < -1")
                 if (path, w, steps, eta, n, ref) not in done:
                     todo.append((path, steps, w))
-    print(f"sweep: {len(todo)} cells to compute, {len(done)} already in {csv_path}", file=sys.stderr)
+    main = rank_and_world()[0] == 0
+    if main:
+        print(f"sweep: {len(todo)} cells to compute, {len(done)} already in {csv_path}", file=sys.stderr)
     if not todo:
         return rows
 
-    inception = load_inception(weights, device)
-    mu_ref, sigma_ref, _ = fid.input_statistics(ref, inception, fid_batch_size, device, data_dir, weights)
+    if main:  # the other ranks only sample, and wait for rank 0 in the next cell's gather
+        inception = load_inception(weights, device)
+        mu_ref, sigma_ref, _ = fid.input_statistics(ref, inception, fid_batch_size, device, data_dir, weights)
     cost = lambda cell: cell[1] * (1 if cell[2] == 0 else 2)  # network evaluations per image
     total, spent, start = sum(map(cost, todo)), 0, time.time()
     for i, (path, steps, w) in enumerate(todo):
         model, config = models[path]
-        labels = balanced_labels(n, config["unet"]["num_classes"])
+        part = share(n)  # under torchrun this rank's block of the images, image i still from seed + i
+        labels = balanced_labels(n, config["unet"]["num_classes"])[part]
         t0 = time.time()
         images = sample_images(model, Schedule(config["schedule"]), labels, null_class=config["unet"]["num_classes"], w=w, steps=steps,
-                               eta=eta, clip_x0=clip_x0, seed=seed, batch_size=batch_size, device=device, amp=amp)
+                               eta=eta, clip_x0=clip_x0, seed=seed + part.start, batch_size=batch_size, device=device, amp=amp)
+        if (images := gather_on_main(images)) is None:
+            continue
+        images = np.concatenate(images)
         rate = n / (time.time() - t0)
         mu, sigma = fid.feature_statistics(fid.inception_features(inception, images, fid_batch_size, device))
         score = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
@@ -160,7 +170,7 @@ def main(argv=None):
     p.add_argument("--weights", help="FID Inception weights (see fid.py --help)")
     p.add_argument("--data-dir", default="data", help="where CIFAR-10 and its cached statistics live")
     args = p.parse_args(argv)
-    device = args.device
+    device = init_distributed(args.device)  # a plain run: args.device
     try:
         run_sweep(args.ckpt, args.steps, args.n, ws=args.w if args.w_eff is None else None, w_effs=args.w_eff,
                   ref=args.ref, out=args.out, eta=args.eta, seed=args.seed, clip_x0=not args.no_clip,
