@@ -117,7 +117,8 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
                                eta=eta, clip_x0=clip_x0, seed=seed + part.start, batch_size=batch_size, device=device, amp=amp)
         if (images := gather_on_main(images)) is None:
             continue
-        images = np.concatenate(images)
+        # NCHW in memory like one process's images: the Inception features' last bits depend on the layout
+        images = np.ascontiguousarray(np.concatenate(images).transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
         rate = n / (time.time() - t0)
         mu, sigma = fid.feature_statistics(fid.inception_features(inception, images, fid_batch_size, device))
         score = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
