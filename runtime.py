@@ -67,21 +67,20 @@ def save_grid(images, path, nrow):
     write_atomic(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
-# ---- more than one process: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK ----
-
-
 def rank_and_world():
-    """(rank, world size) of this process under torchrun; (0, 1) in a plain run."""
+    """(rank, world size) of this process, from the RANK and WORLD_SIZE that torchrun sets; (0, 1) in a plain run."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def init_distributed(device):
-    """Under torchrun, join its process group (left at exit) and return this rank's device: GPU LOCAL_RANK with nccl on
-    CUDA, the CPU with gloo otherwise. A plain run (no WORLD_SIZE in the environment) starts nothing and keeps device."""
-    if "WORLD_SIZE" in os.environ:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
+    """Under torchrun, join its process group (once; left at exit) and return this rank's device: GPU LOCAL_RANK with
+    nccl on CUDA, the CPU with gloo otherwise. A plain run (no WORLD_SIZE in the environment) starts nothing."""
+    if "WORLD_SIZE" not in os.environ:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1),
                                 device_id=device if device.type == "cuda" else None)
         atexit.register(dist.destroy_process_group)

@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from data import load_cifar10, load_image_folder
 from diffusion import Schedule
@@ -84,7 +83,7 @@ def get_parser():
 
 def check_args(p, args):
     """Refuse bad settings with argparse's one-line error and exit status 2."""
-    world = rank_and_world()[1]
+    world = rank_and_world()[1]  # torchrun's number of processes, known before any process group starts
     problems = [(args.batch_size < 1, f"--batch-size must be positive, got {args.batch_size}"),
                 (args.batch_size % world, f"--batch-size {args.batch_size} is not divisible by the {world} processes"),
                 (args.iters < 0, f"--iters must be >= 0, got {args.iters}"),
@@ -159,7 +158,6 @@ def batches(images, labels, batch_size, seed, device, channels_last):
 
     The data lives as uint8 on the training device when it fits (CIFAR-10: 150 MB), so batches never wait on a
     loader. The epoch order comes from its own generator seeded by (seed, epoch): a resumed run recomputes it.
-    Under torchrun each rank takes its contiguous share of the global batch.
     """
     data, targets = torch.from_numpy(images), torch.from_numpy(labels)
     if device.type == "cuda" and data.nbytes < 0.25 * torch.cuda.mem_get_info(device)[0]:
@@ -172,7 +170,7 @@ def batches(images, labels, batch_size, seed, device, channels_last):
 
     def get_batch(step):
         epoch, i = divmod(step, steps_per_epoch)
-        idx = epoch_order(epoch)[i * batch_size:(i + 1) * batch_size][share(batch_size)]
+        idx = epoch_order(epoch)[i * batch_size:(i + 1) * batch_size][share(batch_size)]  # under torchrun: this rank's part
         x = data[idx].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1  # NHWC uint8 -> [-1, 1]
         flip = torch.rand(len(x), device=device) < 0.5  # random horizontal flips, from the rank's (checkpointed) RNG
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -251,16 +249,14 @@ class Figures:
 
 
 def save_checkpoint(path, model, ema, opt, scaler, step, config, device):
-    """Rank 0 writes ckpt.pt. Under torchrun every rank calls this: rank 0 first checks that all ranks hold bitwise the
-    same weights and EMA (DDP's averaged gradients keep them so) and keeps every rank's RNG state in rng_ranks."""
+    """Rank 0 writes ckpt.pt; under torchrun, with every rank's RNG state, once all ranks hold bitwise equal weights."""
     rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
     world, digest = rank_and_world()[1], hashlib.sha256()
     for t in [*model.state_dict().values(), *ema.state_dict().values()] if world > 1 else []:
         digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    ranks = gather_on_main((rng, digest.hexdigest()))  # [(rng, digest)] in a plain run, None on ranks other than 0
-    if ranks is None:
+    if (ranks := gather_on_main((rng, digest.hexdigest()))) is None:  # [(rng, digest)] of every rank, on rank 0
         return
-    if len({d for _, d in ranks}) > 1:
+    if len({d for _, d in ranks}) > 1:  # DDP's averaged gradients keep the weights and EMA of all ranks identical
         sys.exit(f"error: at step {step} the {world} ranks hold different weights or EMA; {path} not written")
     ckpt = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
             "step": step, "config": config, "rng": rng, **({"rng_ranks": [r for r, _ in ranks]} if world > 1 else {})}
@@ -313,7 +309,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 for --amp none
-    net = DistributedDataParallel(model, [device] if device.type == "cuda" else None) if world > 1 else model
+    net = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None) if world > 1 else model
     net = torch.compile(net) if args.compile else net  # checkpoints take `model`: no _orig_mod. or module. prefixes
     schedule, mixed_precision = Schedule(args.schedule), autocast(device, amp)
     get_batch = batches(images, labels, args.batch_size, args.seed, device, channels_last)
@@ -322,10 +318,9 @@ def main(argv=None):
     if rank == 0:  # under torchrun only rank 0 prints and writes files
         if device.type == "cpu":
             print("warning: no CUDA device, training on the CPU: this works but is slow", file=sys.stderr)
-        print(f"{args.loss} loss{f' at w={args.w:g}' if args.loss == 'aligned' else ''}: {len(images)} images, {null_class} "
-              f"classes, {sum(t.numel() for t in model.parameters()) / 1e6:.2f}M parameters, {device}"
-              f"{f' x {world} processes' if world > 1 else ''}, amp {amp}, steps {start} -> {args.iters}, run folder {out}",
-              file=sys.stderr)
+        print(f"{args.loss} loss{f' at w={args.w:g}' if args.loss == 'aligned' else ''}: {len(images)} images, "
+              f"{null_class} classes, {sum(t.numel() for t in model.parameters()) / 1e6:.2f}M parameters, {device}"
+              f"{f' x {world}' * (world > 1)}, amp {amp}, steps {start} -> {args.iters}, run folder {out}", file=sys.stderr)
     del images, labels
 
     model.train()
