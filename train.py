@@ -59,7 +59,7 @@ def get_parser():
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, default=100_000, help="total optimizer steps (estimated at about an hour on "
                    "one H100 for standard; aligned costs twice per step)")
-    g.add_argument("--batch-size", type=int, default=128, help="images per step, over all torchrun processes")
+    g.add_argument("--batch-size", type=int, default=128, help="images per step, all processes together")
     g.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate after warm-up")
     g.add_argument("--warmup", type=int, default=5000, help="steps of linear learning-rate warm-up")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
