@@ -14,7 +14,8 @@ from PIL import Image
 from diffusion import Schedule, ancestral_sample, ddim_sample
 from flags import interval, number
 from model import UNet
-from runtime import autocast, class_grid, one_line, pick_device, save_grid, write_atomic
+from runtime import (autocast, class_grid, gather_on_main, init_distributed, one_line, pick_device, rank_and_world,
+                     save_grid, share, write_atomic)
 
 
 class CheckpointError(ValueError):
@@ -106,7 +107,7 @@ def sample_images(model, schedule, labels, *, null_class, w=0.0, steps=50, eta=0
         start += len(y)
         if progress is not None:
             progress(start, len(labels))
-    return np.concatenate(out)
+    return np.concatenate(out) if out else np.zeros((0, *size[1:], 3), np.uint8)
 
 
 def main(argv=None):
@@ -139,7 +140,7 @@ def main(argv=None):
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype; None: bf16 on CUDA, none on CPU")
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA weights")
     args = p.parse_args(argv)
-    device = args.device
+    device, rank = init_distributed(args.device), rank_and_world()[0]  # a plain run: (args.device, 0)
     try:
         model, config = load_checkpoint(args.ckpt, device, ema=not args.no_ema)
     except CheckpointError as e:
@@ -153,14 +154,18 @@ def main(argv=None):
     if unknown := [t for t in tokens if t not in ids]:
         p.error(f"unknown class {unknown[0]!r}: use ids 0-{len(names) - 1} or names {','.join(names)}")
     classes = [ids[t] for t in tokens]
-    labels = balanced_labels(args.n, classes)
-    print(f"{args.ckpt}: {config['loss']} loss, {args.n} images at w = {w:g}, {args.steps} {args.sampler} steps on {device}")
+    labels, part = balanced_labels(args.n, classes), share(args.n)  # torchrun: each rank draws its block of the images
+    say = print if rank == 0 else lambda *_: None
+    say(f"{args.ckpt}: {config['loss']} loss, {args.n} images at w = {w:g}, {args.steps} {args.sampler} steps on {device}")
     t0 = time.time()
-    images = sample_images(model, Schedule(config["schedule"]), labels, null_class=config["unet"]["num_classes"], w=w,
-                           steps=args.steps, eta=args.eta, clip_x0=not args.no_clip, seed=args.seed,
+    images = sample_images(model, Schedule(config["schedule"]), labels[part], null_class=config["unet"]["num_classes"], w=w,
+                           steps=args.steps, eta=args.eta, clip_x0=not args.no_clip, seed=args.seed + part.start,
                            batch_size=args.batch_size, device=device, amp=args.amp, sampler=args.sampler, v=args.v,
                            guidance_interval=args.guidance_interval, w_unguided=effective_to_sampling_w(config, 0.0),
-                           progress=lambda done, n: print(f"{done}/{n} images, {done / (time.time() - t0):.2f} images/s"))
+                           progress=lambda done, n: say(f"{done}/{n} images, {done / (time.time() - t0):.2f} images/s"))
+    if (images := gather_on_main(images)) is None:  # rank 0 gathers the blocks, in order (image i: seed + i), and writes
+        return
+    images = np.concatenate(images)
     os.makedirs(args.out, exist_ok=True)
     tiles, nrow = class_grid(images, len(classes))
     save_grid(tiles, os.path.join(args.out, "grid.png"), nrow)

@@ -14,11 +14,13 @@ import os
 import sys
 import time
 
+import numpy as np
+
 import fid
 from diffusion import Schedule
 from flags import interval, number, numbers
 from inception import FIDError, load_inception
-from runtime import class_grid, pick_device, save_grid, write_atomic
+from runtime import class_grid, gather_on_main, init_distributed, pick_device, rank_and_world, save_grid, share, write_atomic
 from sample import CheckpointError, balanced_labels, effective_to_sampling_w, load_checkpoint, sample_images
 
 HEADER = ["checkpoint", "loss", "w_train", "p_uncond", "w", "w_eff", "steps", "eta", "n", "ref", "fid", "seconds",
@@ -116,7 +118,8 @@ def plot(rows, column, path):
 def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train", out="sweep", eta=0.0, seed=0,
               clip_x0=True, batch_size=None, device="cpu", amp=None, fid_batch_size=50, data_dir="data", weights=None,
               sampler="ddim", v=0.3, guidance_interval=None):
-    """Sample and score every checkpoint x steps x w cell not yet in out/results.csv; return all rows."""
+    """Sample and score every checkpoint x steps x w cell not yet in out/results.csv; return all rows. Under torchrun
+    each rank draws its block of every cell's images and rank 0 alone scores them and writes."""
     if w_effs is None:
         ws = ws or [0.0]
     method = sampler_text(sampler, v, guidance_interval)
@@ -137,24 +140,31 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
                     raise FIDError(f"{path}: w_eff={value:g} maps to w={w:g} < -1")
                 if cell_key(dict(checkpoint=path, w=w, steps=steps, eta=eta, n=n, ref=ref, **method)) not in done:
                     todo.append((path, steps, w))
-    print(f"sweep: {len(todo)} cells to compute, {len(done)} already in {csv_path}", file=sys.stderr)
+    main = rank_and_world()[0] == 0
+    if main:
+        print(f"sweep: {len(todo)} cells to compute, {len(done)} already in {csv_path}", file=sys.stderr)
     column = "w" if ws is not None else "w_eff"
     suffix = (f"_ancestral_v{v:g}" if sampler == "ancestral" else "") + \
         ("_interval%g-%g" % guidance_interval if guidance_interval else "")  # grid names; "" for DDIM over every step
     mine = lambda: [r for r in rows if (float(r["eta"]), int(r["n"]), r["ref"]) == (eta, n, ref)]
-    if todo:
+    if todo and main:  # the other ranks only sample, and wait for rank 0 in the next cell's gather
         inception = load_inception(weights, device)
         mu_ref, sigma_ref, _ = fid.input_statistics(ref, inception, fid_batch_size, device, data_dir, weights)
     cost = lambda cell: cell[1] * (1 if cell[2] == 0 else 2)  # network evaluations per image
     total, spent, start = sum(map(cost, todo)), 0, time.time()
     for i, (path, steps, w) in enumerate(todo):
         model, config = models[path]
-        labels = balanced_labels(n, config["unet"]["num_classes"])
+        part = share(n)  # under torchrun this rank's block of the images, image i still from seed + i
+        labels = balanced_labels(n, config["unet"]["num_classes"])[part]
         t0 = time.time()
         images = sample_images(model, Schedule(config["schedule"]), labels, null_class=config["unet"]["num_classes"], w=w,
-                               steps=steps, eta=eta, clip_x0=clip_x0, seed=seed, batch_size=batch_size, device=device,
-                               amp=amp, sampler=sampler, v=v, guidance_interval=guidance_interval,
+                               steps=steps, eta=eta, clip_x0=clip_x0, seed=seed + part.start, batch_size=batch_size,
+                               device=device, amp=amp, sampler=sampler, v=v, guidance_interval=guidance_interval,
                                w_unguided=effective_to_sampling_w(config, 0.0))
+        if (images := gather_on_main(images)) is None:
+            continue
+        # NCHW in memory like one process's images: the Inception features' last bits depend on the layout
+        images = np.ascontiguousarray(np.concatenate(images).transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
         rate = n / (time.time() - t0)
         mu, sigma = fid.feature_statistics(fid.inception_features(inception, images, fid_batch_size, device))
         score = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
@@ -171,7 +181,7 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
         eta_s = (time.time() - start) / spent * (total - spent)
         print(f"[cell {i + 1}/{len(todo)}] {run_name(path)} steps={steps} w={w:g}: FID {score:.4f} (n={n}) "
               f"{rate:.1f} img/s, {seconds:.1f} s; sweep ETA {eta_s / 60:.1f} min", file=sys.stderr)
-    if mine() and not plot(mine(), column, os.path.join(out, "results.png")):
+    if main and mine() and not plot(mine(), column, os.path.join(out, "results.png")):
         print("sweep: matplotlib is not installed, so results.png was not drawn (pip install matplotlib)", file=sys.stderr)
     return rows
 
@@ -203,7 +213,7 @@ def main(argv=None):
     p.add_argument("--weights", help="FID Inception weights (see fid.py --help)")
     p.add_argument("--data-dir", default="data", help="where CIFAR-10 and its cached statistics live")
     args = p.parse_args(argv)
-    device = args.device
+    device = init_distributed(args.device)  # a plain run: args.device
     try:
         run_sweep(args.ckpt, args.steps, args.n, ws=args.w if args.w_eff is None else None, w_effs=args.w_eff,
                   ref=args.ref, out=args.out, eta=args.eta, seed=args.seed, clip_x0=not args.no_clip,

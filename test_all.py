@@ -1533,3 +1533,83 @@ def test_toy_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):
         toy.main(["--out", str(out), *extra])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ---- more than one process (torchrun, gloo) ----
+
+
+def _torchrun(script, args, cwd, nproc=2):
+    """`torchrun --standalone --nproc_per_node nproc -- script args` on the CPU (gloo), one thread per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "--",
+           str(Path(__file__).parent / script), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_two_ranks_train_in_step_write_once_and_resume_on_any_count(tmp_path, monkeypatch):
+    """One process to step 2, two under torchrun to step 4 (the second rank has no saved RNG: it keeps its fresh seed),
+    then one again to step 5. The ranks draw different batches and noise, yet DDP's averaged gradients keep their
+    weights and EMA bitwise equal, which rank 0 checks at each save; only rank 0 writes."""
+    out, common = tmp_path / "run", ["--batch-size", "4", "--save-every", "1", "--sample-every", "2", *_TRAIN_TINY]
+    step2 = _train_tiny_run(tmp_path, out, "--iters", "2", *common)
+    run = _torchrun("train.py", ["--data", tmp_path / "imgs", "--out", out, "--iters", "4", *common], tmp_path)
+    assert run.returncode == 0, run.stderr
+    for step in (3, 4):
+        assert f"step {step}: the 2 ranks hold bitwise equal weights and EMA; wrote {out / 'ckpt.pt'}" in run.stderr
+    assert run.stderr.count("warning: no CUDA device") == 1 and run.stderr.count("step 3/4 |") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl", "samples_0000002.png", "samples_0000004.png"]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt.keys() == step2.keys() | {"rng_ranks"} and len(ckpt["rng_ranks"]) == 2
+    assert torch.equal(ckpt["rng"]["cpu"], ckpt["rng_ranks"][0]["cpu"])
+    assert not torch.equal(ckpt["rng_ranks"][0]["cpu"], ckpt["rng_ranks"][1]["cpu"])
+
+    # the logged step-3 loss is the mean of the two ranks' losses, recomputed here from the step-2 checkpoint:
+    # rank 0 restores the one-process RNG state, rank 1 starts from its own seed; each takes half the batch
+    images, labels, _ = data.load_image_folder(str(tmp_path / "imgs"), 8)
+    losses = []
+    for rank, seed_rng in [(0, lambda: torch.set_rng_state(step2["rng"]["cpu"])),
+                           (1, lambda: torch.manual_seed(int(np.random.SeedSequence([0, 1]).generate_state(1)[0])))]:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        model = UNet(**step2["config"]["unet"])
+        model.load_state_dict(step2["model"])
+        seed_rng()
+        x, y = train.batches(images, labels, 4, 0, torch.device("cpu"), False)(2)
+        assert len(x) == 2
+        losses.append(standard_loss(model, Schedule("linear"), x, y, p_uncond=0.1, null_class=3))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]  # one writer
+    assert abs(losses[0].item() - losses[1].item()) > 1e-3
+    assert log[2]["loss"] == pytest.approx(((losses[0] + losses[1]) / 2).item(), rel=1e-6)
+
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    step5 = _train_tiny_run(tmp_path, out, "--iters", "5", *common)  # back to one process
+    assert step5["step"] == 5 and step5.keys() == step2.keys()  # a one-process checkpoint has no rng_ranks
+    assert not torch.equal(step5["model"]["conv_in.weight"], ckpt["model"]["conv_in.weight"])
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_torchrun_sample_gives_the_one_process_npz(sample_ckpt, tmp_path):
+    args = ["--ckpt", sample_ckpt, "--n", "7", "--w", "2", "--steps", "2", "--batch-size", "1", "--device", "cpu"]
+    run = _torchrun("sample.py", [*args, "--out", tmp_path / "two"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("wrote") == 1 and "7 images at w = 2" in run.stdout  # rank 0 alone prints
+    with _train_one_thread():  # as torchrun's processes run, so that the float arithmetic is the same
+        sample.main([*args, "--out", str(tmp_path / "one")])
+    with np.load(tmp_path / "one" / "samples.npz") as one, np.load(tmp_path / "two" / "samples.npz") as two:
+        assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+        assert len(np.unique(one["arr_0"].reshape(7, -1), axis=0)) == 7
+    assert (tmp_path / "one" / "grid.png").read_bytes() == (tmp_path / "two" / "grid.png").read_bytes()
+
+
+def test_torchrun_batch_not_divisible_by_the_processes_is_refused(tmp_path, capsys, monkeypatch):
+    """Checked from torchrun's environment before any process group starts: every process exits 2 with this line
+    (torchrun itself then exits 1)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    data = _train_class_folder(tmp_path / "imgs")
+    line = _train_error(capsys, ["--data", str(data), "--out", str(tmp_path / "run"), "--batch-size", "5", *_TRAIN_TINY])
+    assert line.endswith(": error: --batch-size 5 is not divisible by the 2 processes")  # prog: train.py from torchrun
+    assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
+    assert runtime.share(5) == slice(2, 5) and runtime.rank_and_world() == (1, 2)

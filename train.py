@@ -2,12 +2,14 @@
 
     python train.py --loss aligned --w 2        # CIFAR-10, downloaded into ./data, run folder runs/aligned-w2
 
-Running the same command again resumes from the run folder's ckpt.pt. The file reads top to bottom: the flags,
-the setup (data, configuration, resume), one training step, the progress figures, saving, and main's loop.
+Running the same command again resumes from the run folder's ckpt.pt; torchrun trains on several GPUs (README: "More
+than one GPU"). The file reads top to bottom: the flags, the setup (data, configuration, resume), one training step, the
+progress figures, saving, and main's loop.
 """
 import argparse
 import copy
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -20,7 +22,8 @@ from data import load_cifar10, load_image_folder
 from diffusion import Schedule
 from losses import aligned_loss, standard_loss
 from model import UNet
-from runtime import autocast, one_line, pick_device, save_grid, write_atomic
+from runtime import (autocast, gather_on_main, init_distributed, main_first, mean_over_ranks, one_line, pick_device,
+                     rank_and_world, save_grid, share, write_atomic)
 from sample import sample_images
 
 SAMPLES_PER_CLASS = 8  # columns per guidance scale in the sample grids
@@ -56,7 +59,7 @@ def get_parser():
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, default=100_000, help="total optimizer steps (estimated at about an hour on "
                    "one H100 for standard; aligned costs twice per step)")
-    g.add_argument("--batch-size", type=int, default=128, help="images per step")
+    g.add_argument("--batch-size", type=int, default=128, help="images per step, all processes together")
     g.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate after warm-up")
     g.add_argument("--warmup", type=int, default=5000, help="steps of linear learning-rate warm-up")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
@@ -80,7 +83,9 @@ def get_parser():
 
 def check_args(p, args):
     """Refuse bad settings with argparse's one-line error and exit status 2."""
+    world = rank_and_world()[1]  # torchrun's number of processes, known before any process group starts
     problems = [(args.batch_size < 1, f"--batch-size must be positive, got {args.batch_size}"),
+                (args.batch_size % world, f"--batch-size {args.batch_size} is not divisible by the {world} processes"),
                 (args.iters < 0, f"--iters must be >= 0, got {args.iters}"),
                 (args.lr <= 0, f"--lr must be positive, got {args.lr}"),
                 (args.loss == "aligned" and args.w < 0, f"--w must be >= 0, got {args.w}"),
@@ -120,7 +125,7 @@ def make_config(args, device, amp, out, class_names, img_size):
 
 
 def resume(p, path, config, model, ema, opt, scaler, device):
-    """Restore the run folder's checkpoint (weights, optimizer, loss scaler, RNG states) and return its step, 0 if
+    """Restore the run folder's checkpoint (weights, optimizer, loss scaler, this rank's RNG) and return its step, 0 if
     there is none. A checkpoint trained with other settings (MUST_MATCH) is refused, naming each difference."""
     if not os.path.exists(path):
         return 0
@@ -138,9 +143,11 @@ def resume(p, path, config, model, ema, opt, scaler, device):
         opt.load_state_dict(ckpt["opt"])
         if ckpt.get("scaler"):  # empty unless the run used fp16
             scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        rank, states = rank_and_world()[0], ckpt.get("rng_ranks") or [ckpt["rng"]]  # rng_ranks: from torchrun runs
+        if rank < len(states):  # a rank the checkpoint has no state for keeps its fresh seed
+            torch.set_rng_state(states[rank]["cpu"])
+            if device.type == "cuda" and "cuda" in states[rank]:
+                torch.cuda.set_rng_state(states[rank]["cuda"], device)
         return int(ckpt["step"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         p.error(f"cannot restore {path}: {one_line(e)}")
@@ -163,9 +170,9 @@ def batches(images, labels, batch_size, seed, device, channels_last):
 
     def get_batch(step):
         epoch, i = divmod(step, steps_per_epoch)
-        idx = epoch_order(epoch)[i * batch_size:(i + 1) * batch_size]
+        idx = epoch_order(epoch)[i * batch_size:(i + 1) * batch_size][share(batch_size)]  # under torchrun: this rank's part
         x = data[idx].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1  # NHWC uint8 -> [-1, 1]
-        flip = torch.rand(len(x), device=device) < 0.5  # random horizontal flips, from the global (checkpointed) RNG
+        flip = torch.rand(len(x), device=device) < 0.5  # random horizontal flips, from the rank's (checkpointed) RNG
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), \
             targets[idx].to(device, non_blocking=True)
@@ -207,10 +214,10 @@ class Figures:
         self.pending, self.window, self.ckpt_path, self.saved_step = [], [], ckpt_path, saved_step
 
     def check(self, step):
-        """Bring the pending figures to the host (one sync) and stop on a NaN or inf loss."""
+        """Bring the pending figures, averaged over ranks, to the host (one sync) and stop on a NaN or inf loss."""
         if not self.pending:
             return
-        values = torch.stack(self.pending).cpu()
+        values = mean_over_ranks(torch.stack(self.pending)).cpu()
         self.pending.clear()
         bad = (~torch.isfinite(values[:, 0])).nonzero()
         if len(bad):
@@ -221,11 +228,13 @@ class Figures:
         self.window.append(values)
 
     def log(self, done, iters, lr, batch_size, elapsed, device, out):
-        """One progress line on stderr and one record in out/log.jsonl, averaged since the last line."""
+        """One progress line on stderr and a record in out/log.jsonl (rank 0), averaged since the last; returns steps/s."""
         self.check(done)
         values, n = torch.cat(self.window).mean(0).tolist(), sum(len(v) for v in self.window)
         self.window.clear()
-        rate = n / elapsed  # steps/s over training time only: sampling and saving are excluded
+        rate = n / mean_over_ranks(torch.tensor(elapsed, dtype=torch.float64, device=device)).item()  # steps/s: training only
+        if rank_and_world()[0] > 0:
+            return rate
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         record = dict(step=done, loss=values[0], grad_norm=values[1], lr=lr, img_per_s=rate * batch_size,
                       eta_s=(iters - done) / rate, gpu_mem_gib=mem, time=time.time())
@@ -234,15 +243,26 @@ class Figures:
               f"mem {f'{mem:.2f} GiB' if mem is not None else 'n/a'}", file=sys.stderr)
         with open(os.path.join(out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        return rate
 
 # ---- saving ----
 
 
 def save_checkpoint(path, model, ema, opt, scaler, step, config, device):
+    """Rank 0 writes ckpt.pt; under torchrun, with every rank's RNG state, once all ranks hold bitwise equal weights."""
     rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+    world, digest = rank_and_world()[1], hashlib.sha256()
+    for t in [*model.state_dict().values(), *ema.state_dict().values()] if world > 1 else []:
+        digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    if (ranks := gather_on_main((rng, digest.hexdigest()))) is None:  # [(rng, digest)] of every rank, on rank 0
+        return
+    if len({d for _, d in ranks}) > 1:  # DDP's averaged gradients keep the weights and EMA of all ranks identical
+        sys.exit(f"error: at step {step} the {world} ranks hold different weights or EMA; {path} not written")
     ckpt = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "config": config, "rng": rng}
+            "step": step, "config": config, "rng": rng, **({"rng_ranks": [r for r, _ in ranks]} if world > 1 else {})}
     write_atomic(path, lambda f: torch.save(ckpt, f))
+    if world > 1:
+        print(f"step {step}: the {world} ranks hold bitwise equal weights and EMA; wrote {path}", file=sys.stderr)
 
 
 def sample_grid(ema, schedule, args, null_class, device, amp, path):
@@ -263,11 +283,12 @@ def main(argv=None):
     p = get_parser()
     args = p.parse_args(argv)
     check_args(p, args)
-    device = args.device
+    device, (rank, world) = init_distributed(args.device), rank_and_world()  # a plain run: (args.device, (0, 1))
     amp = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
     channels_last = device.type == "cuda" and not args.no_channels_last
     out = args.out if args.out != "auto" else "runs/standard" if args.loss == "standard" else f"runs/aligned-w{args.w:g}"
-    images, labels, class_names = load_data(p, args)
+    with main_first():  # under torchrun rank 0 downloads CIFAR-10 before the other ranks read it
+        images, labels, class_names = load_data(p, args)
     config = make_config(args, device, amp, out, class_names, images.shape[1])
     null_class, ckpt_path = len(class_names), os.path.join(out, "ckpt.pt")
 
@@ -281,44 +302,49 @@ def main(argv=None):
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    if world > 1:  # every rank has the same initial weights; then each draws its own noise, labels dropped and flips
+        torch.manual_seed(int(np.random.SeedSequence([args.seed, rank]).generate_state(1)[0]))
     start = resume(p, ckpt_path, config, model, ema, opt, scaler, device)
     os.makedirs(out, exist_ok=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 for --amp none
-    net = torch.compile(model) if args.compile else model  # checkpoints take `model`: no _orig_mod. prefixes
+    net = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None) if world > 1 else model
+    net = torch.compile(net) if args.compile else net  # checkpoints take `model`: no _orig_mod. or module. prefixes
     schedule, mixed_precision = Schedule(args.schedule), autocast(device, amp)
     get_batch = batches(images, labels, args.batch_size, args.seed, device, channels_last)
     figures = Figures(ckpt_path, start if os.path.exists(ckpt_path) else None)
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    if device.type == "cpu":
-        print("warning: no CUDA device, training on the CPU: this works but is slow", file=sys.stderr)
-    print(f"{args.loss} loss{f' at w={args.w:g}' if args.loss == 'aligned' else ''}: {len(images)} images, {null_class} classes, "
-          f"{sum(t.numel() for t in model.parameters()) / 1e6:.2f}M parameters, {device}, amp {amp}, "
-          f"steps {start} -> {args.iters}, run folder {out}", file=sys.stderr)
+    if rank == 0:  # under torchrun only rank 0 prints and writes files
+        if device.type == "cpu":
+            print("warning: no CUDA device, training on the CPU: this works but is slow", file=sys.stderr)
+        print(f"{args.loss} loss{f' at w={args.w:g}' if args.loss == 'aligned' else ''}: {len(images)} images, "
+              f"{null_class} classes, {sum(t.numel() for t in model.parameters()) / 1e6:.2f}M parameters, {device}"
+              f"{f' x {world}' * (world > 1)}, amp {amp}, steps {start} -> {args.iters}, run folder {out}", file=sys.stderr)
     del images, labels
 
     model.train()
-    t_log = time.time()
+    t_log, next_log = time.time(), 0
     for step in range(start, args.iters):  # `step` optimizer steps are done; this iteration makes step + 1
         x, y = get_batch(step)
         lr, figure = train_step(args, net, schedule, null_class, x, y, opt, scaler, params, ema_params, step, mixed_precision)
         figures.pending.append(figure)
         done = step + 1
-        if done == start + 1 or done == args.iters or time.time() - t_log >= args.log_every:
-            figures.log(done, args.iters, lr, args.batch_size, time.time() - t_log, device, out)
-            t_log = time.time()
+        if done in (start + 1, args.iters) or (done >= next_log if world > 1 else time.time() - t_log >= args.log_every):
+            rate = figures.log(done, args.iters, lr, args.batch_size, time.time() - t_log, device, out)
+            next_log, t_log = done + max(1, int(args.log_every * rate)), time.time()  # torchrun: a step all ranks agree on
         t_pause = time.time()
         if (args.sample_every and done % args.sample_every == 0) or done == args.iters:
             figures.check(done)  # never sample, or save, weights that came from a non-finite loss
-            path = sample_grid(ema, schedule, args, null_class, device, amp, os.path.join(out, f"samples_{done:07d}.png"))
-            print(f"step {done}: wrote {path}", file=sys.stderr)
+            if rank == 0:  # the EMA module alone, no collective inside: the other ranks wait in the next one
+                path = sample_grid(ema, schedule, args, null_class, device, amp, os.path.join(out, f"samples_{done:07d}.png"))
+                print(f"step {done}: wrote {path}", file=sys.stderr)
         if (args.save_every and done % args.save_every == 0) or done == args.iters:
             figures.check(done)
             save_checkpoint(ckpt_path, model, ema, opt, scaler, done, config, device)
             figures.saved_step = done
         t_log += time.time() - t_pause
-    if start >= args.iters:
+    if start >= args.iters and rank == 0:
         print(f"{out} is at step {start} and --iters is {args.iters}: nothing to do", file=sys.stderr)
 
 
