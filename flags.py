@@ -54,6 +54,14 @@ def interval(text):
     return lo, hi
 
 
+def unit_range(text):
+    """'LO,HI' with 0 <= LO < HI <= 1: a range of diffusion times t."""
+    lo, hi = interval(text)
+    if hi > 1:
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 <= LO < HI <= 1, got {text!r}")
+    return lo, hi
+
+
 def existing_file(text):
     """A path to a readable, non-empty file."""
     if not os.path.exists(text):

@@ -35,7 +35,8 @@ def load_checkpoint(path, device="cpu", ema=True):
         raise CheckpointError(f"{path} is not a checkpoint of this project (torch.load: {type(e).__name__})") from e
     try:
         config = ckpt["config"]
-        if config["loss"] not in ("standard", "aligned") or len(config["class_names"]) != config["unet"]["num_classes"]:
+        losses = ("standard", "aligned", "guidance-free")
+        if config["loss"] not in losses or len(config["class_names"]) != config["unet"]["num_classes"]:
             raise ValueError(f"loss {config['loss']!r} with {len(config['class_names'])} class names")
         Schedule(config["schedule"])
         model = UNet(**config["unet"])
@@ -48,11 +49,25 @@ def load_checkpoint(path, device="cpu", ema=True):
     return model, config
 
 
+def effective_w(config, w):
+    """The effective guidance of sampling a checkpoint at w (losses.py): w for a standard one, (w - w_t) / (1 + w_t)
+    for an aligned one trained at w_t, W + w (1 + W) for a guidance-free one trained at W."""
+    if config["loss"] == "aligned":
+        return (w - config["w"]) / (1 + config["w"])
+    if config["loss"] == "guidance-free":
+        return config["w"] + w * (1 + config["w"])
+    return w
+
+
 def effective_to_sampling_w(config, w_eff):
-    """The sampling w whose effective guidance is w_eff. Sampled at w, an aligned checkpoint trained at w_t has effective
-    guidance (w - w_t) / (1 + w_t) (see losses.py), so w = w_t + w_eff (1 + w_t); a standard one has w = w_eff."""
-    w_t = config["w"] if config["loss"] == "aligned" else 0.0
-    return w_t + w_eff * (1 + w_t)
+    """The sampling w whose effective guidance is w_eff, effective_w's inverse: w_t + w_eff (1 + w_t) for an aligned
+    checkpoint, (w_eff - W) / (1 + W) for a guidance-free one, w_eff for a standard one."""
+    if config["loss"] == "aligned":
+        return config["w"] + w_eff * (1 + config["w"])
+    if config["loss"] == "guidance-free":
+        return (w_eff - config["w"]) / (1 + config["w"])
+    return w_eff
+
 
 def balanced_labels(n, classes):
     """n int64 labels cycling through classes (class ids, or a count k for 0..k-1): every prefix is balanced, and

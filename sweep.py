@@ -21,17 +21,10 @@ from diffusion import Schedule
 from flags import interval, number, numbers
 from inception import FIDError, load_inception
 from runtime import class_grid, gather_on_main, init_distributed, pick_device, rank_and_world, save_grid, share, write_atomic
-from sample import CheckpointError, balanced_labels, effective_to_sampling_w, load_checkpoint, sample_images
+from sample import CheckpointError, balanced_labels, effective_to_sampling_w, effective_w, load_checkpoint, sample_images
 
 HEADER = ["checkpoint", "loss", "w_train", "p_uncond", "w", "w_eff", "steps", "eta", "n", "ref", "fid", "seconds",
           "sampler", "v", "interval"]
-
-
-def effective_w(config, w):
-    """The effective guidance of sampling at w: (w - w_train) / (1 + w_train) for aligned checkpoints (losses.py)."""
-    if config["loss"] == "aligned":
-        return (w - config["w"]) / (1 + config["w"])
-    return w
 
 
 def run_name(path):

@@ -1000,6 +1000,21 @@ def test_sample_ancestral_sampler_through_the_command_line(sample_ckpt, tmp_path
     assert np.abs(first.astype(int) - second).max() > 20
 
 
+def test_sample_guidance_free_checkpoint_defaults_to_one_evaluation_a_step(tmp_path, monkeypatch, capsys):
+    ckpt = str(_sample_write_checkpoint(tmp_path / "gf.pt", loss="guidance-free", w=2.0))
+    calls, forward = [], UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda self, z, t, y: calls.append(len(z)) or forward(self, z, t, y))
+    _sample_run(ckpt, tmp_path / "w0", "--n", "4")  # the default w = 0 is its built-in guidance W = 2
+    assert calls == [4, 4, 4]  # 3 steps, one pass on the batch each: no doubled batch
+    calls.clear()
+    _sample_run(ckpt, tmp_path / "eff", "--n", "4", "--w-eff", "0")  # unguided: w = -2/3, two evaluations a step
+    assert calls == [8, 8, 8] and "at w = -0.666667" in capsys.readouterr().out
+    config = {"loss": "guidance-free", "w": 2.0}
+    for w in (-0.5, 0.0, 1.0):  # losses.py: sampled at w, the effective guidance is W + w (1 + W)
+        assert sample.effective_w(config, w) == 2 + 3 * w
+        assert sample.effective_to_sampling_w(config, sample.effective_w(config, w)) == pytest.approx(w, abs=1e-15)
+
+
 def test_sample_command_line(sample_ckpt, tmp_path):
     script = str(Path(__file__).parent / "sample.py")
     bad = subprocess.run([sys.executable, script, "--ckpt", sample_ckpt, "--n", "-3"], capture_output=True, text=True)
@@ -1272,6 +1287,26 @@ def test_train_compile_gives_the_eager_weights_and_plain_checkpoint_names(tmp_pa
     for k, v in eager["model"].items():
         torch.testing.assert_close(compiled["model"][k], v, rtol=1e-4, atol=1e-6)
     assert not torch.equal(compiled["model"]["conv_out.weight"], UNet(**compiled["config"]["unet"]).conv_out.weight)
+
+
+def test_train_guidance_free_runs_checkpoints_resumes_and_refuses_u_at_least_1(tmp_path, capsys):
+    args = ["--loss", "guidance-free", "--w", "2", "--gf-start", "1", "--gf-t-range", "0.1,0.9", "--save-every", "0",
+            "--sample-every", "0"]
+    one = _train_tiny_run(tmp_path, tmp_path / "one", "--iters", "4", *args)
+    _train_tiny_run(tmp_path, tmp_path / "two", "--iters", "2", *args)
+    two = _train_tiny_run(tmp_path, tmp_path / "two", "--iters", "4", *args)  # resumes: the EMA teacher is in ckpt.pt
+    config = one["config"]
+    assert (config["loss"], config["w"], config["gf_start"], config["gf_t_range"]) == ("guidance-free", 2.0, 1, [0.1, 0.9])
+    for key in ("model", "ema"):
+        assert all(torch.equal(v, two[key][k]) for k, v in one[key].items()), key
+    standard = _train_tiny_run(tmp_path, tmp_path / "std", "--iters", "4", "--save-every", "0", "--sample-every", "0")
+    assert standard["config"]["gf_start"] is None  # one loss's settings are None for the others
+    assert not torch.equal(standard["model"]["conv_in.weight"], one["model"]["conv_in.weight"])  # the term acts
+    base = ["--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "bad"), "--batch-size", "4", *_TRAIN_TINY]
+    for w in ("-1", "-3"):
+        line = _train_error(capsys, base + ["--loss", "guidance-free", "--w", w])
+        assert "u = W / (1 + W) >= 1" in line and "no fixed point" in line
+    assert not (tmp_path / "bad").exists()
 
 
 def test_train_help_shows_the_defaults():

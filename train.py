@@ -20,7 +20,8 @@ import torch
 
 from data import load_cifar10, load_image_folder
 from diffusion import Schedule
-from losses import aligned_loss, standard_loss
+from flags import number, unit_range
+from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
 from runtime import (autocast, gather_on_main, init_distributed, main_first, mean_over_ranks, one_line, pick_device,
                      rank_and_world, save_grid, share, write_atomic)
@@ -28,7 +29,7 @@ from sample import sample_images
 
 SAMPLES_PER_CLASS = 8  # columns per guidance scale in the sample grids
 # settings that define the method and the network: a checkpoint that differs in any of them is refused
-MUST_MATCH = ("loss", "w", "p_uncond", "detach_uncond", "schedule", "class_names", "unet")
+MUST_MATCH = ("loss", "w", "p_uncond", "detach_uncond", "gf_start", "gf_t_range", "schedule", "class_names", "unet")
 
 # ---- command line ----
 
@@ -41,10 +42,15 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], usage="%(prog)s [options]",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("method")
-    g.add_argument("--loss", choices=["standard", "aligned"], default="standard", help="training loss")
-    g.add_argument("--w", type=float, default=2.0, help="guidance scale the aligned loss trains for (unused by standard)")
+    g.add_argument("--loss", choices=["standard", "aligned", "guidance-free"], default="standard", help="training loss")
+    g.add_argument("--w", type=float, default=2.0, help="aligned: the guidance scale it trains for; guidance-free: the W "
+                   "its plain conditional prediction builds in (unused by standard)")
     g.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the label to null (both losses)")
     g.add_argument("--detach-uncond", action="store_true", help="aligned: no gradient through the w eps(z, null) term")
+    g.add_argument("--gf-start", type=number(int, lo=0), default=20_000, help="guidance-free: steps of the standard "
+                   "loss before the guidance term starts, so the EMA teacher is a trained model first")
+    g.add_argument("--gf-t-range", type=unit_range, default=(0.0, 1.0), metavar="LO,HI", help="guidance-free: the "
+                   "diffusion times t that get the guidance term")
     g.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="cifar10", help="'cifar10', or a folder of images in class sub-folders")
@@ -70,7 +76,8 @@ def get_parser():
     g.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA (channels_last is used otherwise)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training model")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default="auto", help="run folder; auto: runs/standard or runs/aligned-w<w>")
+    g.add_argument("--out", default="auto", help="run folder; auto: runs/standard, runs/aligned-w<w> or "
+                   "runs/guidance-free-w<w>")
     g.add_argument("--save-every", type=int, default=10_000, help="steps between checkpoints (and one at the end)")
     g.add_argument("--sample-every", type=int, default=10_000, help="steps between EMA sample grids (and one at the end)")
     g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the sample grids")
@@ -89,6 +96,8 @@ def check_args(p, args):
                 (args.iters < 0, f"--iters must be >= 0, got {args.iters}"),
                 (args.lr <= 0, f"--lr must be positive, got {args.lr}"),
                 (args.loss == "aligned" and args.w < 0, f"--w must be >= 0, got {args.w}"),
+                (args.loss == "guidance-free" and not args.w > -1, f"--w {args.w:g} gives u = W / (1 + W) >= 1: the "
+                 "guidance-free loss then has no fixed point; use W > -1"),
                 (not 0 <= args.p_uncond <= 1, f"--p-uncond must be in [0, 1], got {args.p_uncond}"),
                 (not 0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
                 (not 0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
@@ -118,7 +127,9 @@ def load_data(p, args):
 def make_config(args, device, amp, out, class_names, img_size):
     """Everything a checkpoint needs to be understood alone: the flags, the class names and the network's arguments."""
     config = {k: v for k, v in vars(args).items() if k not in ("ch", "ch_mult", "num_res_blocks", "attn_res", "dropout")}
-    config.update(w=args.w if args.loss == "aligned" else None, amp=amp, device=str(device), out=out, class_names=class_names,
+    free = args.loss == "guidance-free"  # settings of one loss are None for the others, as in older checkpoints
+    config.update(w=None if args.loss == "standard" else args.w, gf_start=args.gf_start if free else None,
+                  gf_t_range=list(args.gf_t_range) if free else None, amp=amp, device=str(device), out=out, class_names=class_names,
                   unet=dict(num_classes=len(class_names), ch=args.ch, ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks,
                             attn_res=args.attn_res, dropout=args.dropout, img_size=img_size))
     return config
@@ -181,7 +192,7 @@ def batches(images, labels, batch_size, seed, device, channels_last):
 # ---- one training step ----
 
 
-def train_step(args, net, schedule, null_class, x, y, opt, scaler, params, ema_params, step, mixed_precision):
+def train_step(args, net, ema, schedule, null_class, x, y, opt, scaler, params, ema_params, step, mixed_precision):
     """Optimizer step number step + 1 on batch (x, y): warm-up lr, loss, backward, clipping, Adam, then the EMA
     with warm-up min(decay, (1 + step) / (10 + step)), so short runs already give a meaningful EMA.
     Returns the learning rate and the [loss, grad norm] pair, still on the device (no sync)."""
@@ -191,9 +202,12 @@ def train_step(args, net, schedule, null_class, x, y, opt, scaler, params, ema_p
     with mixed_precision:
         if args.loss == "standard":
             loss = standard_loss(net, schedule, x, y, p_uncond=args.p_uncond, null_class=null_class)
-        else:
+        elif args.loss == "aligned":
             loss = aligned_loss(net, schedule, x, y, w=args.w, p_uncond=args.p_uncond, null_class=null_class,
                                 detach_uncond=args.detach_uncond)
+        else:  # the EMA weights are the teacher (see losses.py)
+            loss = guidance_free_loss(net, ema, schedule, x, y, w=args.w, p_uncond=args.p_uncond, null_class=null_class,
+                                      guide=step >= args.gf_start, t_range=args.gf_t_range)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
@@ -266,9 +280,10 @@ def save_checkpoint(path, model, ema, opt, scaler, step, config, device):
 
 
 def sample_grid(ema, schedule, args, null_class, device, amp, path):
-    """One row per class: SAMPLES_PER_CLASS EMA images at w = 0, then the same noises at the training w (standard: 2)."""
-    guided = args.w if args.loss == "aligned" else 2.0
-    ws = [0.0, guided] if guided else [0.0]
+    """One row per class: SAMPLES_PER_CLASS EMA images at w = 0, then the same noises at the training w (standard: 2);
+    guidance-free: first unguided (w_eff = 0, at w = -W / (1 + W)), then at w = 0, its own guidance W."""
+    ws = {"standard": [0.0, 2.0], "aligned": [0.0, args.w], "guidance-free": [-args.w / (1 + args.w), 0.0]}[args.loss]
+    ws = list(dict.fromkeys(ws))  # one column when they coincide (aligned or guidance-free at w = 0)
     ys = np.repeat(np.arange(null_class), SAMPLES_PER_CLASS)
     grids = np.stack([sample_images(ema, schedule, ys, null_class=null_class, w=w, steps=args.sample_steps, seed=args.seed,
                                     device=device, amp=amp) for w in ws])  # [len(ws), C * k, H, W, 3]
@@ -286,7 +301,7 @@ def main(argv=None):
     device, (rank, world) = init_distributed(args.device), rank_and_world()  # a plain run: (args.device, (0, 1))
     amp = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
     channels_last = device.type == "cuda" and not args.no_channels_last
-    out = args.out if args.out != "auto" else "runs/standard" if args.loss == "standard" else f"runs/aligned-w{args.w:g}"
+    out = args.out if args.out != "auto" else "runs/standard" if args.loss == "standard" else f"runs/{args.loss}-w{args.w:g}"
     with main_first():  # under torchrun rank 0 downloads CIFAR-10 before the other ranks read it
         images, labels, class_names = load_data(p, args)
     config = make_config(args, device, amp, out, class_names, images.shape[1])
@@ -318,7 +333,7 @@ def main(argv=None):
     if rank == 0:  # under torchrun only rank 0 prints and writes files
         if device.type == "cpu":
             print("warning: no CUDA device, training on the CPU: this works but is slow", file=sys.stderr)
-        print(f"{args.loss} loss{f' at w={args.w:g}' if args.loss == 'aligned' else ''}: {len(images)} images, "
+        print(f"{args.loss} loss{f' at w={args.w:g}' if args.loss != 'standard' else ''}: {len(images)} images, "
               f"{null_class} classes, {sum(t.numel() for t in model.parameters()) / 1e6:.2f}M parameters, {device}"
               f"{f' x {world}' * (world > 1)}, amp {amp}, steps {start} -> {args.iters}, run folder {out}", file=sys.stderr)
     del images, labels
@@ -327,7 +342,8 @@ def main(argv=None):
     t_log, next_log = time.time(), 0
     for step in range(start, args.iters):  # `step` optimizer steps are done; this iteration makes step + 1
         x, y = get_batch(step)
-        lr, figure = train_step(args, net, schedule, null_class, x, y, opt, scaler, params, ema_params, step, mixed_precision)
+        lr, figure = train_step(args, net, ema, schedule, null_class, x, y, opt, scaler, params, ema_params, step,
+                                mixed_precision)
         figures.pending.append(figure)
         done = step + 1
         if done in (start + 1, args.iters) or (done >= next_log if world > 1 else time.time() - t_log >= args.log_every):
