@@ -1219,8 +1219,9 @@ def test_train_bad_input_gives_one_line_and_status_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     common = ["--out", str(tmp_path / "run")] + _TRAIN_TINY
     assert "invalid choice: 'l2'" in _train_error(capsys, ["--loss", "l2", "--data", str(data)] + common)
-    assert "--batch-size must be positive" in _train_error(capsys, ["--batch-size", "-4", "--data", str(data)] + common)
-    assert "no such folder" in _train_error(capsys, ["--data", str(tmp_path / "missing")] + common)
+    assert "argument --batch-size: expected an integer >= 1, got '-4'" in _train_error(
+        capsys, ["--batch-size", "-4", "--data", str(data)] + common)
+    assert "or a folder of class sub-folders, got" in _train_error(capsys, ["--data", str(tmp_path / "missing")] + common)
     assert "holds no images" in _train_error(capsys, ["--data", str(tmp_path / "empty")] + common)
     assert "larger than the dataset" in _train_error(capsys, ["--batch-size", "128", "--data", str(data)] + common)
     assert not (tmp_path / "run").exists()
