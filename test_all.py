@@ -943,8 +943,8 @@ def test_write_atomic_keeps_the_old_file_when_interrupted(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--ckpt", "MISSING"], "No such file"),
-    (["--ckpt", "DIR"], "cannot read checkpoint"),
+    (["--ckpt", "MISSING"], "nope.pt: no such file"),
+    (["--ckpt", "DIR"], "is a directory, expected a file"),
     (["--ckpt", "TEXT"], "not a checkpoint of this project"),
     (["--ckpt", "FOREIGN"], "not a checkpoint of this project (KeyError: 'config')"),
     (["--ckpt", "BROKEN"], "not a checkpoint of this project (RuntimeError"),
