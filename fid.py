@@ -104,7 +104,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     m = root1 @ sigma2 @ root1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
-    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line, not warned about
+        distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
     if not np.isfinite(distance):  # finite statistics give a finite distance: never print a nan
         raise FIDError(f"the Frechet distance is {distance}: the statistics hold NaN or inf")
     return distance
@@ -245,7 +246,11 @@ def run(args, inputs, device):
         print(f"statistics written to {args.save_stats}")
         return
     (mu1, sigma1, _), (mu2, sigma2, _) = stats
-    print(f"FID: {frechet_distance(mu1, sigma1, mu2, sigma2):.4f}")
+    try:
+        distance = frechet_distance(mu1, sigma1, mu2, sigma2)
+    except FIDError as e:
+        raise FIDError(f"{inputs[0]} vs {inputs[1]}: {e}") from None
+    print(f"FID: {distance:.4f}")  # as computed: identical inputs can give -0.0000 (README)
 
 
 if __name__ == "__main__":
