@@ -107,7 +107,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line, not warned about
         distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
     if not np.isfinite(distance):  # finite statistics give a finite distance: never print a nan
-        raise FIDError(f"the Frechet distance is {distance}: the statistics hold NaN or inf")
+        raise FIDError(f"the Frechet distance is {distance}, not a finite number: are the statistics too large?")
     return distance
 
 
