@@ -82,6 +82,8 @@ def existing_file(text):
         raise argparse.ArgumentTypeError(f"{text} is a directory, expected a file")
     if os.path.getsize(text) == 0:
         raise argparse.ArgumentTypeError(f"{text} is empty")
+    if not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not readable")
     return text
 
 
