@@ -18,7 +18,7 @@ import torch
 import fid
 from diffusion import Schedule
 from inception import FIDInceptionV3
-from flags import number
+from flags import number, parser
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
 from runtime import autocast, pick_device
@@ -36,19 +36,21 @@ def timed(fn, repeats, sync):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--what", choices=["train", "sample", "fid", "all"], default="all")
+    p = parser(__doc__.split("\n")[0], formatter_class=argparse.HelpFormatter)
+    p.add_argument("--what", choices=["train", "sample", "fid", "all"], default="all",
+                   help="what to time (default: all)")
     p.add_argument("--device", type=pick_device, default="auto",
                    help="auto (cuda when there is one), cpu, cuda, cuda:N")
-    p.add_argument("--ch", type=number(int, lo=32), default=128, help="U-Net width, a multiple of 32 (default: 128, the "
-                   "default model)")
-    p.add_argument("--batch-size", type=number(int, lo=1), default=None, help="default: 128 on CUDA, 8 on the CPU")
-    p.add_argument("--iters", type=number(int, lo=1), default=None, help="timed repeats (default: 20 on CUDA, 2 on the CPU)")
-    p.add_argument("--sample-steps", type=number(int, lo=1), default=10, help="DDIM steps per timed sampling call")
+    p.add_argument("--ch", type=number(int, lo=32, multiple=32), default=128,
+                   help="U-Net width, a multiple of 32 (default: 128, the default model)")
+    p.add_argument("--batch-size", type=number(int, lo=1), default=None,
+                   help=">= 1 (default: 128 on CUDA, 8 on the CPU)")
+    p.add_argument("--iters", type=number(int, lo=1), default=None,
+                   help="timed repeats, >= 1 (default: 20 on CUDA, 2 on the CPU)")
+    p.add_argument("--sample-steps", type=number(int, lo=1), default=10,
+                   help="DDIM steps per timed sampling call (>= 1; default: 10)")
     args = p.parse_args(argv)
     device = args.device
-    if args.ch % 32:
-        p.error(f"argument --ch: expected a multiple of 32 (GroupNorm uses 32 groups), got {args.ch}")
     cuda = device.type == "cuda"
     batch, repeats = args.batch_size or (128 if cuda else 8), args.iters or (20 if cuda else 2)
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -134,9 +134,12 @@ def load_image_folder(root, img_size=None, labelled=True):
 
 def open_npz(path):
     try:
-        return np.load(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} as a .npz file: {e}") from None
+        f = np.load(path)
+    except Exception as e:  # OSError, ValueError, BadZipFile (truncated), EOFError (empty), pickle's errors...
+        raise ValueError(f"cannot read {path} as a .npz file: {str(e).strip() or type(e).__name__}") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"cannot read {path} as a .npz file: it holds one .npy array")
+    return f
 
 
 def load_npz_images(path):

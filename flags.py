@@ -5,9 +5,21 @@ import math
 import os
 
 
-def _bounds(kind, lo, hi, lo_open, hi_open):
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is the one line `prog: error: message` (no usage line), still with exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parser(description, **kw):
+    """The ArgumentParser of every command: defaults shown in --help, errors on one line."""
+    return _Parser(description=description, **{"formatter_class": argparse.ArgumentDefaultsHelpFormatter, **kw})
+
+
+def _bounds(kind, lo, hi, lo_open, hi_open, multiple=1):
     """'a finite number in [0, 1]', 'an integer >= 1', ...: what number() accepts, for its messages."""
-    what = "an integer" if kind is int else "a finite number"
+    what = f"a multiple of {multiple}" if multiple > 1 else "an integer" if kind is int else "a finite number"
     if lo == -math.inf and hi == math.inf:
         return what
     if hi == math.inf:
@@ -17,10 +29,10 @@ def _bounds(kind, lo, hi, lo_open, hi_open):
     return f"{what} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
 
 
-def number(kind=float, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
-    """An argparse type for one finite int or float within lo..hi (open ends with lo_open, hi_open): nan and inf
-    are refused everywhere, since no flag of this project has a meaning for them."""
-    bounds = _bounds(kind, lo, hi, lo_open, hi_open)
+def number(kind=float, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False, multiple=1):
+    """An argparse type for one finite int or float within lo..hi (open ends with lo_open, hi_open; ints also a
+    multiple of `multiple`): nan and inf are refused everywhere, since no flag of this project has a meaning for them."""
+    bounds = _bounds(kind, lo, hi, lo_open, hi_open, multiple)
 
     def parse(text):
         try:
@@ -28,7 +40,7 @@ def number(kind=float, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {bounds}, got {text!r}") from None
         inside = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
-        if not (math.isfinite(value) and inside):
+        if not (math.isfinite(value) and inside and (multiple == 1 or value % multiple == 0)):
             raise argparse.ArgumentTypeError(f"expected {bounds}, got {text!r}")
         return value
     return parse
@@ -70,7 +82,20 @@ def existing_file(text):
         raise argparse.ArgumentTypeError(f"{text} is a directory, expected a file")
     if os.path.getsize(text) == 0:
         raise argparse.ArgumentTypeError(f"{text} is empty")
+    if not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not readable")
     return text
+
+
+def folder_or(*names, what="a folder"):
+    """An argparse type for one of the names (e.g. 'cifar10') or an existing folder, described as `what`."""
+    expected = f"expected {' or '.join(map(repr, names))} or {what}"
+
+    def parse(text):
+        if text in names or os.path.isdir(text):
+            return text
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r} ({'a file' if os.path.exists(text) else 'no such folder'})")
+    return parse
 
 
 def _creatable(path, kind):

@@ -3,7 +3,6 @@
 writes grid.png (one row per class) and samples.npz (OpenAI ADM's format: arr_0 uint8 [N, H, W, 3], arr_1 labels) to
 --out. Its functions need no argparse: train.py (sample grids) and sweep.py use them.
 """
-import argparse
 import os
 import time
 
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 
 from diffusion import Schedule, ancestral_sample, ddim_sample
-from flags import interval, number
+from flags import existing_file, interval, number, output_dir, parser
 from model import UNet
 from runtime import (autocast, class_grid, gather_on_main, init_distributed, one_line, pick_device, rank_and_world,
                      save_grid, share, write_atomic)
@@ -126,14 +125,14 @@ def sample_images(model, schedule, labels, *, null_class, w=0.0, steps=50, eta=0
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Draw images with classifier-free guidance from a train.py checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p = parser("Draw images with classifier-free guidance from a train.py checkpoint.")
+    p.add_argument("--ckpt", type=existing_file, required=True, help="checkpoint written by train.py")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--w", type=number(float, lo=-1), default=0.0, help="eps~ = (1+w) eps(z,c) - w eps(z,null); -1 is "
                    "unconditional (>= -1)")
-    g.add_argument("--w-eff", type=number(float), help="effective guidance instead: an aligned checkpoint trained at w_t samples "
-                   "at w = w_t + w_eff (1 + w_t), a standard one at w = w_eff, so both losses compare at equal guidance")
+    g.add_argument("--w-eff", type=number(float), help="effective guidance instead (finite; the w it maps to must be >= -1): "
+                   "an aligned checkpoint trained at w_t samples at w = w_t + w_eff (1 + w_t), a standard one at w = w_eff, "
+                   "so both losses compare at equal guidance")
     p.add_argument("--steps", type=number(int, lo=1), default=50, help="sampling steps (>= 1)")
     p.add_argument("--sampler", choices=["ddim", "ancestral"], default="ddim", help="DDIM, or Ho & Salimans' Algorithm 2")
     p.add_argument("--eta", type=number(float, 0, 1), default=0.0, help="ddim: 0 is deterministic, 1 adds DDPM's "
@@ -148,8 +147,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=number(int, lo=1), help="no effect on the images; None: 1024 on CUDA (halved on "
                    "OOM), 8 on CPU")
     p.add_argument("--seed", type=number(int, lo=0), default=0, help="image i is drawn from a generator seeded seed + i")
-    p.add_argument("--out", default="samples", help="directory for grid.png and samples.npz")
-    p.add_argument("--png-dir", help="also write one PNG per image into this directory")
+    p.add_argument("--out", type=output_dir, default="samples", help="directory for grid.png and samples.npz")
+    p.add_argument("--png-dir", type=output_dir, help="also write one PNG per image into this directory")
     p.add_argument("--device", type=pick_device, default="auto",
                    help="auto (cuda when there is one), cpu, cuda, cuda:N")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype; None: bf16 on CUDA, none on CPU")
@@ -167,7 +166,7 @@ def main(argv=None):
     ids = {**{str(i): i for i in range(len(names))}, **{name: i for i, name in enumerate(names)}}
     tokens = list(ids)[:len(names)] if args.classes == "all" else [t.strip() for t in args.classes.split(",")]
     if unknown := [t for t in tokens if t not in ids]:
-        p.error(f"unknown class {unknown[0]!r}: use ids 0-{len(names) - 1} or names {','.join(names)}")
+        p.error(f"argument --classes: unknown class {unknown[0]!r}: use ids 0-{len(names) - 1} or names {','.join(names)}")
     classes = [ids[t] for t in tokens]
     labels, part = balanced_labels(args.n, classes), share(args.n)  # torchrun: each rank draws its block of the images
     say = print if rank == 0 else lambda *_: None

@@ -7,7 +7,6 @@ only by the model and the sampler. Results go to results.csv (one row per cell, 
 finishes; cells already there are skipped, so an interrupted sweep resumes), results.md and, with
 matplotlib installed, results.png.
 """
-import argparse
 import csv
 import io
 import os
@@ -18,7 +17,7 @@ import numpy as np
 
 import fid
 from diffusion import Schedule
-from flags import interval, number, numbers
+from flags import existing_file, interval, number, numbers, output_dir, parser
 from inception import FIDError, load_inception
 from runtime import class_grid, gather_on_main, init_distributed, pick_device, rank_and_world, save_grid, share, write_atomic
 from sample import CheckpointError, balanced_labels, effective_to_sampling_w, effective_w, load_checkpoint, sample_images
@@ -116,7 +115,7 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
     if w_effs is None:
         ws = ws or [0.0]
     method = sampler_text(sampler, v, guidance_interval)
-    os.makedirs(os.path.join(out, "grids"), exist_ok=True)
+    fid.check_input(ref)  # every input is checked before any work, and before out/ is made
     csv_path = os.path.join(out, "results.csv")
     rows = read_results(csv_path)
     done = set(map(cell_key, rows))
@@ -130,9 +129,10 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
             for value in (ws if ws is not None else w_effs):
                 w = value if ws is not None else effective_to_sampling_w(models[path][1], value)
                 if w < -1:
-                    raise FIDError(f"{path}: w_eff={value:g} maps to w={w:g} < -1")
+                    raise FIDError(f"--w-eff {value:g} maps to w = {w:g} < -1 for {path}")
                 if cell_key(dict(checkpoint=path, w=w, steps=steps, eta=eta, n=n, ref=ref, **method)) not in done:
                     todo.append((path, steps, w))
+    os.makedirs(os.path.join(out, "grids"), exist_ok=True)
     main = rank_and_world()[0] == 0
     if main:
         print(f"sweep: {len(todo)} cells to compute, {len(done)} already in {csv_path}", file=sys.stderr)
@@ -180,20 +180,21 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="FID for every checkpoint x steps x w cell, with resume.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", nargs="+", required=True, help="train.py checkpoints to compare")
+    p = parser("FID for every checkpoint x steps x w cell, with resume.")
+    p.add_argument("--ckpt", nargs="+", type=existing_file, required=True, help="train.py checkpoints to compare")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--w", type=numbers(float, lo=-1), help="sampling guidance scales, e.g. 0,0.5,1,2 (each >= -1; None: 0)")
-    g.add_argument("--w-eff", type=numbers(float), help="effective guidance scales instead of --w (see README)")
+    g.add_argument("--w-eff", type=numbers(float), help="effective guidance scales instead of --w (finite; each must map "
+                   "to a w >= -1; see README)")
     p.add_argument("--steps", type=numbers(int, lo=1), default=[50], help="sampling step counts, e.g. 10,25,50 (each >= 1)")
     p.add_argument("--sampler", choices=["ddim", "ancestral"], default="ddim", help="as in sample.py, for every cell")
     p.add_argument("--v", type=number(float, 0, 1), default=0.3, help="ancestral's variance interpolation (in [0, 1])")
     p.add_argument("--guidance-interval", type=interval, metavar="LO,HI", help="guide only where sigma/alpha is in "
                    "(LO, HI], as in sample.py; None: every step")
     p.add_argument("--n", type=number(int, lo=2), default=10000, help="images per cell (>= 2, for a covariance)")
-    p.add_argument("--ref", default="cifar10-train", help="the reference input of fid.py")
-    p.add_argument("--out", default="sweep", help="folder for results.csv, results.md and grids/")
+    p.add_argument("--ref", default="cifar10-train", help="the reference input of fid.py: cifar10-train, cifar10-test, "
+                   "an image folder or a .npz")
+    p.add_argument("--out", type=output_dir, default="sweep", help="folder for results.csv, results.md and grids/")
     p.add_argument("--eta", type=number(float, 0, 1), default=0.0, help="DDIM eta (in [0, 1])")
     p.add_argument("--seed", type=number(int, lo=0), default=0, help="image i of every cell starts from seed + i")
     p.add_argument("--batch-size", type=number(int, lo=1), help="images per sampling batch (None: 1024 on CUDA, halved "
@@ -203,8 +204,8 @@ def main(argv=None):
     p.add_argument("--fid-batch-size", type=number(int, lo=1), default=50, help="images per Inception forward pass")
     p.add_argument("--device", type=pick_device, default="auto",
                    help="auto (cuda when there is one), cpu, cuda, cuda:N")
-    p.add_argument("--weights", help="FID Inception weights (see fid.py --help)")
-    p.add_argument("--data-dir", default="data", help="where CIFAR-10 and its cached statistics live")
+    p.add_argument("--weights", type=existing_file, help="FID Inception weights (see fid.py --help)")
+    p.add_argument("--data-dir", type=output_dir, default="data", help="where CIFAR-10 and its cached statistics live")
     args = p.parse_args(argv)
     device = init_distributed(args.device)  # a plain run: args.device
     try:
@@ -214,7 +215,7 @@ def main(argv=None):
                   data_dir=args.data_dir, weights=args.weights, sampler=args.sampler, v=args.v,
                   guidance_interval=args.guidance_interval)
     except FIDError as e:
-        p.exit(2, f"sweep.py: error: {e}\n")
+        p.error(str(e))
 
 
 if __name__ == "__main__":

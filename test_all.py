@@ -1,4 +1,5 @@
 """Tests for cfg-aligned. CPU only, tiny widths, few steps: the whole file runs in under 3 minutes on 2 cores."""
+import argparse
 import ast
 import contextlib
 import csv
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import bench
 import data
 import fid
 import inception
@@ -480,6 +482,263 @@ def test_unet_learns_a_fixed_batch():
         after = loss_at_fixed_draws().item()
     assert math.isclose(before, 1.0, rel_tol=0.05)  # zero-initialised output: the loss starts at E[eps^2] = 1
     assert after < 0.7 * before, (before, after)
+
+
+# ---- every flag of every command ----
+
+# One row per (command, arguments, what stderr's one line must say). Each command starts from a valid base command line
+# (_FLAG_BASE), the row's arguments come after it (the last value of a flag wins), and every row must be refused with exit
+# status 2 and one line on stderr, before any work and before any output is opened. The table is also the reference of
+# what each flag accepts. Paths: {missing} does not exist, {dir} is a folder, {file} a text file, {empty} a 0-byte file,
+# {cut} a checkpoint cut in half, {foreign} a torch file without a config; {nan}, {shape}, {huge}, {cutnpz}, {emptynpz}
+# and {textnpz} bad statistics .npz files, {small} 4-d statistics, {stats} good 8-d ones; {imgs} a class folder, empty
+# (a row that got past the checks would stop at "holds no images" rather than train).
+FLAG_TABLE = [
+    # train.py: method
+    ("train", ["--loss", "l2"], "argument --loss: invalid choice: 'l2'"),
+    ("train", ["--w", "nan"], "argument --w: expected a finite number, got 'nan'"),
+    ("train", ["--w", "inf"], "argument --w: expected a finite number, got 'inf'"),
+    ("train", ["--loss", "aligned", "--w", "-0.5"], "--w must be >= 0 for the aligned loss, got -0.5"),
+    ("train", ["--loss", "guidance-free", "--w", "-1"], "u = W / (1 + W) >= 1: the guidance-free loss then has no fixed point"),
+    ("train", ["--p-uncond", "1.5"], "argument --p-uncond: expected a finite number in [0, 1], got '1.5'"),
+    ("train", ["--p-uncond", "nan"], "argument --p-uncond: expected a finite number in [0, 1], got 'nan'"),
+    ("train", ["--detach-uncond=yes"], "argument --detach-uncond: ignored explicit argument 'yes'"),
+    ("train", ["--gf-start", "-1"], "argument --gf-start: expected an integer >= 0, got '-1'"),
+    ("train", ["--gf-t-range", "0.5,0.2"], "argument --gf-t-range: expected LO,HI with 0 <= LO < HI"),
+    ("train", ["--gf-t-range", "0,2"], "argument --gf-t-range: expected LO,HI with 0 <= LO < HI <= 1, got '0,2'"),
+    ("train", ["--schedule", "quadratic"], "argument --schedule: invalid choice: 'quadratic'"),
+    # train.py: data
+    ("train", ["--data", "{missing}"], "argument --data: expected 'cifar10' or a folder of class sub-folders, got "
+                                       "'{missing}' (no such folder)"),
+    ("train", ["--data", "{file}"], "argument --data: expected 'cifar10' or a folder of class sub-folders, got "
+                                    "'{file}' (a file)"),
+    ("train", ["--data-dir", "{file}"], "argument --data-dir: {file} is a file, expected a directory"),
+    ("train", ["--img-size", "0"], "argument --img-size: expected an integer >= 1, got '0'"),
+    ("train", ["--img-size", "12"], "--img-size: img_size=12 must be divisible by 8 for 4 levels"),
+    ("train", ["--data", "cifar10", "--img-size", "64"], "CIFAR-10 images are 32x32: leave --img-size at 32"),
+    # train.py: model
+    ("train", ["--ch", "48"], "argument --ch: expected a multiple of 32 >= 32, got '48'"),
+    ("train", ["--ch", "0"], "argument --ch: expected a multiple of 32 >= 32, got '0'"),
+    ("train", ["--ch-mult", "1,0"], "argument --ch-mult: expected an integer >= 1, got '0'"),
+    ("train", ["--ch-mult", ""], "argument --ch-mult: expected an integer >= 1, got ''"),
+    ("train", ["--num-res-blocks", "0"], "argument --num-res-blocks: expected an integer >= 1, got '0'"),
+    ("train", ["--attn-res", "16,x"], "argument --attn-res: expected an integer >= 1, got 'x'"),
+    ("train", ["--attn-res", "7"], "--attn-res, --img-size: attn_res=(7,) must be among the resolutions [32, 16, 8, 4]"),
+    ("train", ["--dropout", "1"], "argument --dropout: expected a finite number in [0, 1), got '1'"),
+    ("train", ["--dropout", "nan"], "argument --dropout: expected a finite number in [0, 1), got 'nan'"),
+    # train.py: optimisation
+    ("train", ["--iters", "-1"], "argument --iters: expected an integer >= 0, got '-1'"),
+    ("train", ["--iters", "1.5"], "argument --iters: expected an integer >= 0, got '1.5'"),
+    ("train", ["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+    ("train", ["--lr", "0"], "argument --lr: expected a finite number > 0, got '0'"),
+    ("train", ["--lr=-1e-4"], "argument --lr: expected a finite number > 0, got '-1e-4'"),
+    ("train", ["--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
+    ("train", ["--lr", "inf"], "argument --lr: expected a finite number > 0, got 'inf'"),
+    ("train", ["--warmup", "-5"], "argument --warmup: expected an integer >= 0, got '-5'"),
+    ("train", ["--grad-clip", "-1"], "argument --grad-clip: expected a finite number >= 0, got '-1'"),
+    ("train", ["--grad-clip", "inf"], "argument --grad-clip: expected a finite number >= 0, got 'inf'"),
+    ("train", ["--ema-decay", "1"], "argument --ema-decay: expected a finite number in [0, 1), got '1'"),
+    ("train", ["--ema-decay", "-0.1"], "argument --ema-decay: expected a finite number in [0, 1), got '-0.1'"),
+    # train.py: speed and run
+    ("train", ["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
+    ("train", ["--no-channels-last=1"], "argument --no-channels-last: ignored explicit argument '1'"),
+    ("train", ["--compile=1"], "argument --compile: ignored explicit argument '1'"),
+    ("train", ["--out", "{file}"], "argument --out: {file} is a file, expected a directory"),
+    ("train", ["--out", "{file}/run"], "argument --out: {file}/run: {file} is a file, so the directory cannot be created"),
+    ("train", ["--save-every", "-1"], "argument --save-every: expected an integer >= 0, got '-1'"),
+    ("train", ["--sample-every", "-1"], "argument --sample-every: expected an integer >= 0, got '-1'"),
+    ("train", ["--sample-steps", "0"], "argument --sample-steps: expected an integer >= 1, got '0'"),
+    ("train", ["--log-every", "nan"], "argument --log-every: expected a finite number >= 0, got 'nan'"),
+    ("train", ["--log-every", "-1"], "argument --log-every: expected a finite number >= 0, got '-1'"),
+    ("train", ["--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
+    ("train", ["--device", "gpu0"], "argument --device: unknown device 'gpu0'"),
+    # sample.py: the checkpoint, every kind of bad file
+    ("sample", ["--ckpt", "{missing}"], "argument --ckpt: {missing}: no such file"),
+    ("sample", ["--ckpt", "{dir}"], "argument --ckpt: {dir} is a directory, expected a file"),
+    ("sample", ["--ckpt", "{empty}"], "argument --ckpt: {empty} is empty"),
+    ("sample", ["--ckpt", "{cut}"], "{cut} is not a checkpoint of this project (torch.load: RuntimeError)"),
+    ("sample", ["--ckpt", "{file}"], "{file} is not a checkpoint of this project (torch.load: UnpicklingError)"),
+    ("sample", ["--ckpt", "{foreign}"], "{foreign} is not a checkpoint of this project (KeyError: 'config')"),
+    # sample.py: guidance and the sampler
+    ("sample", ["--w", "-1.5"], "argument --w: expected a finite number >= -1, got '-1.5'"),
+    ("sample", ["--w", "nan"], "argument --w: expected a finite number >= -1, got 'nan'"),
+    ("sample", ["--w-eff", "inf"], "argument --w-eff: expected a finite number, got 'inf'"),
+    ("sample", ["--w", "0", "--w-eff", "1"], "argument --w-eff: not allowed with argument --w"),
+    ("sample", ["--w-eff", "-1.2"], "--w-eff gives guidance w = -1.6 < -1"),  # trained at w_t = 2: 2 - 1.2 * 3
+    ("sample", ["--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
+    ("sample", ["--sampler", "euler"], "argument --sampler: invalid choice: 'euler'"),
+    ("sample", ["--eta", "1.5"], "argument --eta: expected a finite number in [0, 1], got '1.5'"),
+    ("sample", ["--eta", "nan"], "argument --eta: expected a finite number in [0, 1], got 'nan'"),
+    ("sample", ["--v", "-0.1"], "argument --v: expected a finite number in [0, 1], got '-0.1'"),
+    ("sample", ["--guidance-interval", "2,1"], "argument --guidance-interval: expected LO,HI with 0 <= LO < HI"),
+    ("sample", ["--guidance-interval", "nan,1"], "argument --guidance-interval: expected LO,HI with 0 <= LO < HI"),
+    ("sample", ["--no-clip=1"], "argument --no-clip: ignored explicit argument '1'"),
+    # sample.py: what to draw, where to write
+    ("sample", ["--n", "0"], "argument --n: expected an integer >= 1, got '0'"),
+    ("sample", ["--classes", "3,dragon"], "argument --classes: unknown class 'dragon'"),
+    ("sample", ["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+    ("sample", ["--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
+    ("sample", ["--out", "{file}"], "argument --out: {file} is a file, expected a directory"),
+    ("sample", ["--out", "{file}/x"], "argument --out: {file}/x: {file} is a file, so the directory cannot be created"),
+    ("sample", ["--png-dir", "{file}"], "argument --png-dir: {file} is a file, expected a directory"),
+    ("sample", ["--device", "gpu0"], "argument --device: unknown device 'gpu0'"),
+    ("sample", ["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
+    ("sample", ["--no-ema=1"], "argument --no-ema: ignored explicit argument '1'"),
+    # fid.py: inputs, every kind of bad file
+    ("fid", ["{missing}"], "{missing}: no such image folder or .npz file"),
+    ("fid", ["{file}"], "{file}: no such image folder or .npz file"),  # not .npz: the wrong kind
+    ("fid", ["{textnpz}"], "cannot read {textnpz} as a .npz file"),
+    ("fid", ["{emptynpz}"], "cannot read {emptynpz} as a .npz file: No data left in file"),
+    ("fid", ["{cutnpz}"], "cannot read {cutnpz} as a .npz file: File is not a zip file"),
+    ("fid", ["{nan}"], "{nan}: the statistics hold NaN or inf"),
+    ("fid", ["{shape}"], "{shape}: mu must be [D] and sigma [D, D], got (8,) and (7, 7)"),
+    ("fid", ["{small}"], "{stats} vs {small}: statistics do not match: (8,)/(8, 8) vs (4,)/(4, 4)"),
+    ("fid", ["{huge}"], "{stats} vs {huge}: the Frechet distance is inf"),  # finite statistics, never a printed inf
+    ("fid", ["{stats}", "{stats}"], "give at most two inputs, got 3"),
+    # fid.py: flags
+    ("fid", ["{stats}", "--save-stats", "{dir}/out.npz"], "--save-stats takes exactly one input"),
+    ("fid", ["--save-stats", "{dir}"], "argument --save-stats: {dir} is a directory, expected a file"),
+    ("fid", ["--save-stats", "{file}/out.npz"], "argument --save-stats: {file}/out.npz: {file} is a file, so the file "
+                                                "cannot be created"),
+    ("fid", ["--is=1"], "argument --is: ignored explicit argument '1'"),
+    ("fid", ["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+    ("fid", ["--batch-size", "nan"], "argument --batch-size: expected an integer >= 1, got 'nan'"),
+    ("fid", ["--device", "gpu0"], "argument --device: unknown device 'gpu0'"),
+    ("fid", ["--weights", "{missing}"], "argument --weights: {missing}: no such file"),
+    ("fid", ["--weights", "{dir}"], "argument --weights: {dir} is a directory, expected a file"),
+    ("fid", ["--weights", "{empty}"], "argument --weights: {empty} is empty"),
+    ("fid", ["--data-dir", "{file}"], "argument --data-dir: {file} is a file, expected a directory"),
+    # sweep.py
+    ("sweep", ["--ckpt", "{missing}"], "argument --ckpt: {missing}: no such file"),
+    ("sweep", ["--ckpt", "{ckpt}", "{dir}"], "argument --ckpt: {dir} is a directory, expected a file"),
+    ("sweep", ["--ckpt", "{empty}"], "argument --ckpt: {empty} is empty"),
+    ("sweep", ["--ckpt", "{ckpt}", "{file}"], "{file} is not a checkpoint of this project"),
+    ("sweep", ["--w", "0,nan"], "argument --w: expected a finite number >= -1, got 'nan'"),
+    ("sweep", ["--w", "0,-2"], "argument --w: expected a finite number >= -1, got '-2'"),
+    ("sweep", ["--w", "0", "--w-eff", "1"], "argument --w-eff: not allowed with argument --w"),
+    ("sweep", ["--w-eff", "1,inf"], "argument --w-eff: expected a finite number, got 'inf'"),
+    ("sweep", ["--w-eff", "-5"], "--w-eff -5 maps to w = -13 < -1 for {ckpt}"),  # trained at w_t = 2: 2 - 5 * 3
+    ("sweep", ["--steps", "10,0"], "argument --steps: expected an integer >= 1, got '0'"),
+    ("sweep", ["--sampler", "euler"], "argument --sampler: invalid choice: 'euler'"),
+    ("sweep", ["--v", "2"], "argument --v: expected a finite number in [0, 1], got '2'"),
+    ("sweep", ["--guidance-interval", "1"], "argument --guidance-interval: expected LO,HI, got '1'"),
+    ("sweep", ["--n", "1"], "argument --n: expected an integer >= 2, got '1'"),
+    ("sweep", ["--ref", "{missing}"], "{missing}: no such image folder or .npz file"),
+    ("sweep", ["--ref", "{file}"], "{file}: no such image folder or .npz file"),
+    ("sweep", ["--out", "{file}"], "argument --out: {file} is a file, expected a directory"),
+    ("sweep", ["--out", "{file}/s"], "argument --out: {file}/s: {file} is a file, so the directory cannot be created"),
+    ("sweep", ["--eta", "-0.5"], "argument --eta: expected a finite number in [0, 1], got '-0.5'"),
+    ("sweep", ["--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
+    ("sweep", ["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+    ("sweep", ["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
+    ("sweep", ["--no-clip=1"], "argument --no-clip: ignored explicit argument '1'"),
+    ("sweep", ["--fid-batch-size", "0"], "argument --fid-batch-size: expected an integer >= 1, got '0'"),
+    ("sweep", ["--device", "gpu0"], "argument --device: unknown device 'gpu0'"),
+    ("sweep", ["--weights", "{missing}"], "argument --weights: {missing}: no such file"),
+    ("sweep", ["--data-dir", "{file}"], "argument --data-dir: {file} is a file, expected a directory"),
+    # bench.py
+    ("bench", ["--what", "everything"], "argument --what: invalid choice: 'everything'"),
+    ("bench", ["--device", "gpu0"], "argument --device: unknown device 'gpu0'"),
+    ("bench", ["--ch", "48"], "argument --ch: expected a multiple of 32 >= 32, got '48'"),
+    ("bench", ["--ch", "nan"], "argument --ch: expected a multiple of 32 >= 32, got 'nan'"),
+    ("bench", ["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+    ("bench", ["--iters", "0"], "argument --iters: expected an integer >= 1, got '0'"),
+    ("bench", ["--sample-steps", "0"], "argument --sample-steps: expected an integer >= 1, got '0'"),
+    # toy.py
+    ("toy", ["--out", "{file}"], "argument --out: {file} is a file, expected a directory"),
+    ("toy", ["--out", "{file}/toy"], "argument --out: {file}/toy: {file} is a file, so the directory cannot be created"),
+    ("toy", ["--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
+    ("toy", ["--batch", "0"], "argument --batch: expected an integer >= 1, got '0'"),
+    ("toy", ["--width", "0"], "argument --width: expected an integer >= 1, got '0'"),
+    ("toy", ["--lr", "0"], "argument --lr: expected a finite number > 0, got '0'"),
+    ("toy", ["--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
+    ("toy", ["--p-uncond", "1"], "argument --p-uncond: expected a finite number in [0, 1), got '1'"),
+    ("toy", ["--w-train", "-2"], "argument --w-train: expected a finite number >= 0, got '-2'"),
+    ("toy", ["--w-train", "1,nan"], "argument --w-train: expected a finite number >= 0, got 'nan'"),
+    ("toy", ["--gf-w", "-1"], "argument --gf-w: expected a finite number >= 0, got '-1'"),
+    ("toy", ["--w-eff", "1,x"], "argument --w-eff: expected a finite number >= -1, got 'x'"),
+    ("toy", ["--w-eff", "-2"], "argument --w-eff: expected a finite number >= -1, got '-2'"),
+    ("toy", ["--ddim-steps", "0"], "argument --ddim-steps: expected an integer >= 1, got '0'"),
+    ("toy", ["--few-steps", "-1"], "argument --few-steps: expected an integer >= 0, got '-1'"),
+    ("toy", ["--n", "5"], "argument --n: expected an integer >= 6, got '5'"),
+    ("toy", ["--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
+]
+
+_FLAG_BASE = {  # a valid command line of each command (small, in case a row got through), before the row's arguments
+    "train": (train.main, ["--data", "{imgs}", "--out", "{out}", "--device", "cpu", "--iters", "1"]),
+    "sample": (sample.main, ["--ckpt", "{ckpt}", "--out", "{out}", "--device", "cpu", "--n", "1", "--steps", "1"]),
+    "fid": (fid.main, ["--data-dir", "{out}/data", "--device", "cpu", "{stats}"]),  # a row's input is the second
+    "sweep": (sweep.main, ["--ckpt", "{ckpt}", "--ref", "{stats}", "--out", "{out}", "--n", "2", "--steps", "1",
+                           "--data-dir", "{out}/data", "--device", "cpu"]),
+    "bench": (bench.main, ["--device", "cpu", "--what", "fid", "--iters", "1", "--batch-size", "1"]),
+    "toy": (toy.main, ["--out", "{out}", "--steps", "1", "--n", "6", "--ddim-steps", "1", "--few-steps", "0"]),
+}
+
+
+@pytest.fixture(scope="module")
+def flag_paths(tmp_path_factory, sample_ckpt):
+    """The inputs of FLAG_TABLE's rows, good and bad, made once."""
+    root = tmp_path_factory.mktemp("flags")
+    (root / "imgs" / "cat").mkdir(parents=True)
+    (root / "dir").mkdir()
+    (root / "file.txt").write_text("not a checkpoint, not an image folder\n")
+    (root / "empty.pt").write_bytes(b"")
+    whole = Path(sample_ckpt).read_bytes()
+    (root / "cut.pt").write_bytes(whole[:len(whole) // 2])
+    torch.save({"state_dict": {}}, root / "foreign.pt")
+    fid.save_statistics(root / "stats.npz", np.zeros(8), np.eye(8))
+    fid.save_statistics(root / "small.npz", np.zeros(4), np.eye(4))
+    np.savez(root / "nan.npz", mu=np.full(8, np.nan), sigma=np.eye(8))
+    np.savez(root / "shape.npz", mu=np.zeros(8), sigma=np.eye(7))
+    np.savez(root / "huge.npz", mu=np.full(8, 1e200), sigma=np.eye(8))
+    (root / "text.npz").write_text("not a zip file\n")
+    (root / "empty.npz").write_bytes(b"")
+    stats = (root / "stats.npz").read_bytes()
+    (root / "cut.npz").write_bytes(stats[:len(stats) // 2])
+    names = dict(imgs="imgs", dir="dir", file="file.txt", empty="empty.pt", cut="cut.pt", foreign="foreign.pt",
+                 stats="stats.npz", small="small.npz", nan="nan.npz", shape="shape.npz", huge="huge.npz", textnpz="text.npz",
+                 emptynpz="empty.npz", cutnpz="cut.npz", missing="missing.pt")
+    return root, {"ckpt": sample_ckpt, **{k: str(root / v) for k, v in names.items()}}
+
+
+def _files_under(*roots):
+    return {p: p.stat().st_size for root in roots for p in Path(root).rglob("*")}
+
+
+@pytest.mark.parametrize("command, args, message", FLAG_TABLE, ids=[f"{c}{' '.join(a)}" for c, a, _ in FLAG_TABLE])
+def test_every_flag_of_every_command_refuses_a_bad_value(command, args, message, flag_paths, tmp_path, capsys):
+    root, paths = flag_paths
+    paths = {**paths, "out": str(tmp_path / "out")}
+    main, base = _FLAG_BASE[command]
+    argv = [a.format(**paths) for a in base + args]
+    before = _files_under(root, tmp_path, Path(__file__).parent)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert exit_.value.code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert message.format(**paths) in lines[0], lines[0]
+    named = [a.format(**paths).split("=")[0] for a in args if a.startswith("--") or a.startswith("{")]
+    assert any(n in lines[0] for n in named), (lines[0], named)  # the line names the flag or the path
+    assert _files_under(root, tmp_path, Path(__file__).parent) == before  # nothing written, nothing half-written
+
+
+def test_flag_table_covers_every_flag_of_every_command():
+    for command, (main, _) in _FLAG_BASE.items():
+        flags = set()
+        real_parse = argparse.ArgumentParser.parse_args
+
+        def grab(parser, *a, **kw):
+            flags.update(s for action in parser._actions for s in action.option_strings if s.startswith("--"))
+            raise SystemExit(0)
+
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(argparse.ArgumentParser, "parse_args", grab)
+            with pytest.raises(SystemExit):
+                main([])
+        tested = {a.split("=")[0] for c, args, _ in FLAG_TABLE if c == command for a in args if a.startswith("--")}
+        assert flags - {"--help"} <= tested, (command, flags - {"--help"} - tested)
+    assert len(FLAG_TABLE) >= 60
 
 
 # ---- the project's skeleton ----
@@ -943,8 +1202,8 @@ def test_write_atomic_keeps_the_old_file_when_interrupted(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--ckpt", "MISSING"], "No such file"),
-    (["--ckpt", "DIR"], "cannot read checkpoint"),
+    (["--ckpt", "MISSING"], "nope.pt: no such file"),
+    (["--ckpt", "DIR"], "is a directory, expected a file"),
     (["--ckpt", "TEXT"], "not a checkpoint of this project"),
     (["--ckpt", "FOREIGN"], "not a checkpoint of this project (KeyError: 'config')"),
     (["--ckpt", "BROKEN"], "not a checkpoint of this project (RuntimeError"),
@@ -1219,8 +1478,9 @@ def test_train_bad_input_gives_one_line_and_status_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     common = ["--out", str(tmp_path / "run")] + _TRAIN_TINY
     assert "invalid choice: 'l2'" in _train_error(capsys, ["--loss", "l2", "--data", str(data)] + common)
-    assert "--batch-size must be positive" in _train_error(capsys, ["--batch-size", "-4", "--data", str(data)] + common)
-    assert "no such folder" in _train_error(capsys, ["--data", str(tmp_path / "missing")] + common)
+    assert "argument --batch-size: expected an integer >= 1, got '-4'" in _train_error(
+        capsys, ["--batch-size", "-4", "--data", str(data)] + common)
+    assert "or a folder of class sub-folders, got" in _train_error(capsys, ["--data", str(tmp_path / "missing")] + common)
     assert "holds no images" in _train_error(capsys, ["--data", str(tmp_path / "empty")] + common)
     assert "larger than the dataset" in _train_error(capsys, ["--batch-size", "128", "--data", str(data)] + common)
     assert not (tmp_path / "run").exists()

@@ -8,7 +8,6 @@ losses.aligned_loss and losses.guidance_free_loss are sampled at equal effective
 against the oracle at that w_eff: sliced W1 distance, out-of-distribution rate, class fidelity. Writes results.md,
 results.csv and toy.png to --out; progress lines go to stderr.
 """
-import argparse
 import copy
 import csv
 import io
@@ -22,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffusion import Schedule, ddim_sample
-from flags import number, numbers, output_dir
+from flags import number, numbers, output_dir, parser
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from runtime import write_atomic
 
@@ -223,11 +222,11 @@ def tables(rows, header):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__.splitlines()[0])
     p.add_argument("--out", type=output_dir, default="toy", help="output folder")
-    p.add_argument("--steps", type=number(int, lo=1), default=3000, help="training steps of each model")
-    p.add_argument("--batch", type=number(int, lo=1), default=512, help="training batch")
-    p.add_argument("--width", type=number(int, lo=1), default=64, help="MLP width")
+    p.add_argument("--steps", type=number(int, lo=1), default=3000, help="training steps of each model (>= 1)")
+    p.add_argument("--batch", type=number(int, lo=1), default=512, help="training batch (>= 1)")
+    p.add_argument("--width", type=number(int, lo=1), default=64, help="MLP width (>= 1)")
     p.add_argument("--lr", type=number(float, lo=0, lo_open=True), default=5e-3, help="Adam's learning rate (> 0), "
                    "decayed linearly to 0")
     p.add_argument("--p-uncond", type=number(float, 0, 1, hi_open=True), default=0.1, help="label dropout in [0, 1), "
@@ -238,11 +237,11 @@ def get_parser():
                    "guidance-free model each, sampled at w = 0 where w_eff = W ('' for none)")
     p.add_argument("--w-eff", type=numbers(float, lo=-1), default=[-0.5, 0, 0.5, 1, 2, 4], help="effective guidance "
                    "(each >= -1), at --ddim-steps")
-    p.add_argument("--ddim-steps", type=number(int, lo=1), default=50, help="DDIM steps of every sample set")
+    p.add_argument("--ddim-steps", type=number(int, lo=1), default=50, help="DDIM steps of every sample set (>= 1)")
     p.add_argument("--few-steps", type=number(int, lo=0), default=10, help="also sample w_eff 0 and 2 at this many "
-                   "steps (0: no)")
+                   "steps (>= 0; 0: no)")
     p.add_argument("--n", type=number(int, lo=2 * K), default=10_000, help=f"points per sample set (>= {2 * K})")
-    p.add_argument("--seed", type=number(int, lo=0), default=0, help="seed of the training and of every sample set")
+    p.add_argument("--seed", type=number(int, lo=0), default=0, help="seed of the training and of every sample set (>= 0)")
     return p
 
 

@@ -20,7 +20,7 @@ import torch
 
 from data import load_cifar10, load_image_folder
 from diffusion import Schedule
-from flags import number, unit_range
+from flags import folder_or, number, numbers, output_dir, parser, unit_range
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
 from runtime import (autocast, gather_on_main, init_distributed, main_first, mean_over_ranks, one_line, pick_device,
@@ -34,80 +34,101 @@ MUST_MATCH = ("loss", "w", "p_uncond", "detach_uncond", "gf_start", "gf_t_range"
 # ---- command line ----
 
 
-def int_list(text):
-    return [int(v) for v in text.split(",") if v.strip()]
+COUNT, NONNEG = number(int, lo=1), number(int, lo=0)  # counts (>= 1), steps and seeds (>= 0)
+FRACTION = number(float, 0, 1, hi_open=True)  # [0, 1): dropout, EMA decay
+
+
+def out_folder(text):
+    """--out: 'auto' (its folder follows --loss and --w, checked in check_args) or a folder that is or can become one."""
+    return text if text == "auto" else output_dir(text)
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], usage="%(prog)s [options]",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__.split("\n")[0], usage="%(prog)s [options]")
     g = p.add_argument_group("method")
     g.add_argument("--loss", choices=["standard", "aligned", "guidance-free"], default="standard", help="training loss")
-    g.add_argument("--w", type=float, default=2.0, help="aligned: the guidance scale it trains for; guidance-free: the W "
-                   "its plain conditional prediction builds in (unused by standard)")
-    g.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the label to null (both losses)")
+    g.add_argument("--w", type=number(float), default=2.0, help="aligned: the guidance scale it trains for (>= 0); "
+                   "guidance-free: the W its plain conditional prediction builds in (> -1); unused by standard")
+    g.add_argument("--p-uncond", type=number(float, 0, 1), default=0.1, help="probability of dropping the label to null "
+                   "(in [0, 1])")
     g.add_argument("--detach-uncond", action="store_true", help="aligned: no gradient through the w eps(z, null) term")
-    g.add_argument("--gf-start", type=number(int, lo=0), default=20_000, help="guidance-free: steps of the standard "
-                   "loss before the guidance term starts, so the EMA teacher is a trained model first")
+    g.add_argument("--gf-start", type=NONNEG, default=20_000, help="guidance-free: steps of the standard "
+                   "loss before the guidance term starts, so the EMA teacher is a trained model first (>= 0)")
     g.add_argument("--gf-t-range", type=unit_range, default=(0.0, 1.0), metavar="LO,HI", help="guidance-free: the "
-                   "diffusion times t that get the guidance term")
+                   "diffusion times t that get the guidance term (0 <= LO < HI <= 1)")
     g.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="cifar10", help="'cifar10', or a folder of images in class sub-folders")
-    g.add_argument("--data-dir", default="data", help="where cifar-10-python.tar.gz is downloaded and extracted")
-    g.add_argument("--img-size", type=int, default=32, help="image folders are resized and centre-cropped to this")
+    g.add_argument("--data", type=folder_or("cifar10", what="a folder of class sub-folders"), default="cifar10",
+                   help="'cifar10', or a folder of images in class sub-folders")
+    g.add_argument("--data-dir", type=output_dir, default="data", help="where cifar-10-python.tar.gz is downloaded and "
+                   "extracted")
+    g.add_argument("--img-size", type=COUNT, default=32, help="image folders are resized and centre-cropped to this "
+                   "(>= 1, divisible by 2 per level below the top; CIFAR-10: 32)")
     g = p.add_argument_group("model")
-    g.add_argument("--ch", type=int, default=128, help="base width (a multiple of 32)")
-    g.add_argument("--ch-mult", type=int_list, default=[1, 2, 2, 2], help="width multiplier per level, e.g. 1,2,2,2")
-    g.add_argument("--num-res-blocks", type=int, default=2, help="residual blocks per level")
-    g.add_argument("--attn-res", type=int_list, default=[16], help="resolutions with self-attention, e.g. 16 ('' for none)")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout in the residual blocks (both losses)")
+    g.add_argument("--ch", type=number(int, lo=32, multiple=32), default=128, help="base width (a multiple of 32: "
+                   "GroupNorm's 32 groups)")
+    g.add_argument("--ch-mult", type=numbers(int, lo=1), default=[1, 2, 2, 2], help="width multiplier per level, "
+                   "e.g. 1,2,2,2 (each >= 1)")
+    g.add_argument("--num-res-blocks", type=COUNT, default=2, help="residual blocks per level (>= 1)")
+    g.add_argument("--attn-res", type=numbers(int, empty_ok=True, lo=1), default=[16], help="resolutions with "
+                   "self-attention, e.g. 16 (each >= 1; '' for none)")
+    g.add_argument("--dropout", type=FRACTION, default=0.1, help="dropout in the residual blocks (in [0, 1))")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--iters", type=int, default=100_000, help="total optimizer steps (estimated at about an hour on "
-                   "one H100 for standard; aligned costs twice per step)")
-    g.add_argument("--batch-size", type=int, default=128, help="images per step, all processes together")
-    g.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate after warm-up")
-    g.add_argument("--warmup", type=int, default=5000, help="steps of linear learning-rate warm-up")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay, warmed up as min(decay, (1+step)/(10+step))")
+    g.add_argument("--iters", type=NONNEG, default=100_000, help="total optimizer steps, >= 0 (estimated at about an hour "
+                   "on one H100 for standard; aligned costs twice per step)")
+    g.add_argument("--batch-size", type=COUNT, default=128, help="images per step, all processes together (>= 1)")
+    g.add_argument("--lr", type=number(float, lo=0, lo_open=True), default=2e-4, help="Adam's lr after warm-up "
+                   "(> 0)")
+    g.add_argument("--warmup", type=NONNEG, default=5000, help="steps of linear lr warm-up (>= 0)")
+    g.add_argument("--grad-clip", type=number(float, lo=0), default=1.0, help="clip the gradient norm to this (>= 0; "
+                   "0: no clipping)")
+    g.add_argument("--ema-decay", type=FRACTION, default=0.9999, help="EMA decay in [0, 1), warmed up as"
+                   " min(decay, (1+step)/(10+step))")
     g = p.add_argument_group("speed")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto", help="autocast dtype; auto: bf16 "
                    "on CUDA, none on the CPU (where bf16 and fp16 run too, slowly: for testing)")
     g.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA (channels_last is used otherwise)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training model")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default="auto", help="run folder; auto: runs/standard, runs/aligned-w<w> or "
+    g.add_argument("--out", type=out_folder, default="auto", help="run folder; auto: runs/standard, runs/aligned-w<w> or "
                    "runs/guidance-free-w<w>")
-    g.add_argument("--save-every", type=int, default=10_000, help="steps between checkpoints (and one at the end)")
-    g.add_argument("--sample-every", type=int, default=10_000, help="steps between EMA sample grids (and one at the end)")
-    g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the sample grids")
-    g.add_argument("--log-every", type=float, default=5.0, help="seconds between progress lines (0: every step)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data order and the noise")
+    g.add_argument("--save-every", type=NONNEG, default=10_000, help="steps between checkpoints, and one at the end "
+                   "(>= 0; 0: only at the end)")
+    g.add_argument("--sample-every", type=NONNEG, default=10_000, help="steps between EMA sample grids, and one at the "
+                   "end (>= 0; 0: only at the end)")
+    g.add_argument("--sample-steps", type=COUNT, default=50, help="DDIM steps for the sample grids (>= 1)")
+    g.add_argument("--log-every", type=number(float, lo=0), default=5.0, help="seconds between progress lines (>= 0; "
+                   "0: every step)")
+    g.add_argument("--seed", type=NONNEG, default=0, help="seed of the initialisation, the data order and the noise (>= 0)")
     g.add_argument("--device", type=pick_device, default="auto",
                    help="auto (cuda when there is one), cpu, cuda, cuda:N")
     return p
 
 
 def check_args(p, args):
-    """Refuse bad settings with argparse's one-line error and exit status 2."""
+    """The checks that involve more than one flag (each flag alone is checked by its type), with argparse's one-line
+    error and exit status 2. Resolves --out auto to its run folder."""
     world = rank_and_world()[1]  # torchrun's number of processes, known before any process group starts
-    problems = [(args.batch_size < 1, f"--batch-size must be positive, got {args.batch_size}"),
-                (args.batch_size % world, f"--batch-size {args.batch_size} is not divisible by the {world} processes"),
-                (args.iters < 0, f"--iters must be >= 0, got {args.iters}"),
-                (args.lr <= 0, f"--lr must be positive, got {args.lr}"),
-                (args.loss == "aligned" and args.w < 0, f"--w must be >= 0, got {args.w}"),
+    if args.out == "auto":
+        args.out = "runs/standard" if args.loss == "standard" else f"runs/{args.loss}-w{args.w:g}"
+        try:
+            output_dir(args.out)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"--out auto: {e}")
+    problems = [(args.batch_size % world, f"--batch-size {args.batch_size} is not divisible by the {world} processes"),
+                (args.loss == "aligned" and args.w < 0, f"--w must be >= 0 for the aligned loss, got {args.w:g}"),
                 (args.loss == "guidance-free" and not args.w > -1, f"--w {args.w:g} gives u = W / (1 + W) >= 1: the "
                  "guidance-free loss then has no fixed point; use W > -1"),
-                (not 0 <= args.p_uncond <= 1, f"--p-uncond must be in [0, 1], got {args.p_uncond}"),
-                (not 0 <= args.dropout < 1, f"--dropout must be in [0, 1), got {args.dropout}"),
-                (not 0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
-                (min(args.warmup, args.grad_clip, args.save_every, args.sample_every, args.log_every) < 0,
-                 "--warmup, --grad-clip, --save-every, --sample-every and --log-every must be >= 0"),
-                (args.sample_steps < 1, f"--sample-steps must be >= 1, got {args.sample_steps}"),
                 (args.data == "cifar10" and args.img_size != 32, "CIFAR-10 images are 32x32: leave --img-size at 32")]
     for bad, message in problems:
         if bad:
             p.error(message)
+    try:  # the network's own checks of its widths, levels and attention resolutions, on the meta device (no memory)
+        with torch.device("meta"):
+            UNet(num_classes=1, ch=args.ch, ch_mult=args.ch_mult, num_res_blocks=args.num_res_blocks,
+                 attn_res=args.attn_res, dropout=args.dropout, img_size=args.img_size)
+    except ValueError as e:
+        p.error(f"--ch, --ch-mult, --attn-res, --img-size: {e}")
 
 # ---- setup ----
 
@@ -301,7 +322,7 @@ def main(argv=None):
     device, (rank, world) = init_distributed(args.device), rank_and_world()  # a plain run: (args.device, (0, 1))
     amp = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
     channels_last = device.type == "cuda" and not args.no_channels_last
-    out = args.out if args.out != "auto" else "runs/standard" if args.loss == "standard" else f"runs/{args.loss}-w{args.w:g}"
+    out = args.out
     with main_first():  # under torchrun rank 0 downloads CIFAR-10 before the other ranks read it
         images, labels, class_names = load_data(p, args)
     config = make_config(args, device, amp, out, class_names, images.shape[1])
