@@ -1,14 +1,11 @@
 """Run-time plumbing that every command shares: the device, mixed precision, one-line errors, atomic writes of files
-and of PNG grids, and the few collectives that torchrun's processes need (a plain run never starts a process group)."""
+and of PNG grids."""
 import argparse
-import atexit
 import contextlib
-import datetime
 import os
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 
 
@@ -74,58 +71,3 @@ def save_grid(images, path, nrow):
     for i, img in enumerate(images):
         grid[(i // nrow) * h:(i // nrow + 1) * h, (i % nrow) * w:(i % nrow + 1) * w] = img
     write_atomic(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
-
-
-def rank_and_world():
-    """(rank, world size) of this process, from the RANK and WORLD_SIZE that torchrun sets; (0, 1) in a plain run."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def init_distributed(device):
-    """Under torchrun, join its process group (once; left at exit) and return this rank's device: GPU LOCAL_RANK with
-    nccl on CUDA, the CPU with gloo otherwise. A plain run (no WORLD_SIZE in the environment) starts nothing."""
-    if "WORLD_SIZE" not in os.environ:
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1),
-                                device_id=device if device.type == "cuda" else None)
-        atexit.register(dist.destroy_process_group)
-    return device
-
-
-def share(n):
-    """This rank's contiguous block of n items (images to draw, examples of a batch): all n in a plain run."""
-    rank, world = rank_and_world()
-    return slice(n * rank // world, n * (rank + 1) // world)
-
-
-def mean_over_ranks(tensor):
-    """The mean over ranks of tensor, reduced in place (NaN on one rank is NaN on all); tensor itself in a plain run."""
-    world = rank_and_world()[1]
-    if world > 1:
-        dist.all_reduce(tensor)
-    return tensor / world if world > 1 else tensor
-
-
-def gather_on_main(obj):
-    """Every rank's obj in rank order on rank 0, None on the others; [obj] in a plain run. Every rank must call it."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return [obj]
-    out = [None] * world if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-@contextlib.contextmanager
-def main_first():
-    """Rank 0 runs the block (a download, say) before the other ranks do, so they never race on a file."""
-    rank, world = rank_and_world()
-    if rank > 0:
-        dist.barrier()
-    yield
-    if rank == 0 and world > 1:
-        dist.barrier()

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from diffusion import Schedule, ancestral_sample, ddim_sample
+from distributed import gather_on_main, init_distributed, rank_and_world, share
 from flags import existing_file, interval, number, output_dir, parser
 from model import UNet
-from runtime import (autocast, class_grid, gather_on_main, init_distributed, one_line, pick_device, rank_and_world,
-                     save_grid, share, write_atomic)
+from runtime import autocast, class_grid, one_line, pick_device, save_grid, write_atomic
 
 
 class CheckpointError(ValueError):

@@ -17,9 +17,10 @@ import numpy as np
 
 import fid
 from diffusion import Schedule
+from distributed import gather_on_main, init_distributed, rank_and_world, share
 from flags import existing_file, interval, number, numbers, output_dir, parser
 from inception import FIDError, load_inception
-from runtime import class_grid, gather_on_main, init_distributed, pick_device, rank_and_world, save_grid, share, write_atomic
+from runtime import class_grid, pick_device, save_grid, write_atomic
 from sample import CheckpointError, balanced_labels, effective_to_sampling_w, effective_w, load_checkpoint, sample_images
 
 HEADER = ["checkpoint", "loss", "w_train", "p_uncond", "w", "w_eff", "steps", "eta", "n", "ref", "fid", "seconds",

@@ -20,11 +20,11 @@ import torch
 
 from data import load_cifar10, load_image_folder
 from diffusion import Schedule
+from distributed import gather_on_main, init_distributed, main_first, mean_over_ranks, rank_and_world, share
 from flags import folder_or, number, numbers, output_dir, parser, unit_range
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
-from runtime import (autocast, gather_on_main, init_distributed, main_first, mean_over_ranks, one_line, pick_device,
-                     rank_and_world, save_grid, share, write_atomic)
+from runtime import autocast, one_line, pick_device, save_grid, write_atomic
 from sample import sample_images
 
 SAMPLES_PER_CLASS = 8  # columns per guidance scale in the sample grids
