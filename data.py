@@ -122,14 +122,11 @@ def load_image_folder(root, img_size=None, labelled=True):
         images += [read_image(p, img_size) for p in files]
         labels += [label] * len(files)
     if not images:
-        where = "in class sub-folders " if labelled else ""
-        raise ValueError(f"{root} holds no images {where}({', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(f"{root} holds no images {'in class sub-folders ' * labelled}({', '.join(IMAGE_EXTENSIONS)})")
     sizes = sorted({im.shape[:2] for im in images})
     if len(sizes) > 1:
-        raise ValueError(f"images under {root} have different sizes ({sizes[0]} and {sizes[-1]}, ...); "
-                         "resize them to one size first")
-    images = np.stack(images)
-    return (images, np.array(labels, dtype=np.int64), class_names) if labelled else images
+        raise ValueError(f"images under {root} have different sizes ({sizes[0]} and {sizes[-1]}, ...): resize them first")
+    return (np.stack(images), np.array(labels, dtype=np.int64), class_names) if labelled else np.stack(images)
 
 
 def open_npz(path):

@@ -131,8 +131,8 @@ def main(argv=None):
     g.add_argument("--w", type=number(float, lo=-1), default=0.0, help="eps~ = (1+w) eps(z,c) - w eps(z,null); -1 is "
                    "unconditional (>= -1)")
     g.add_argument("--w-eff", type=number(float), help="effective guidance instead (finite; the w it maps to must be >= -1): "
-                   "an aligned checkpoint trained at w_t samples at w = w_t + w_eff (1 + w_t), a standard one at w = w_eff, "
-                   "so both losses compare at equal guidance")
+                   "an aligned checkpoint trained at w_t samples at w = w_t + w_eff (1 + w_t), a guidance-free one trained at "
+                   "W at w = (w_eff - W) / (1 + W), a standard one at w = w_eff: the losses compare at equal guidance")
     p.add_argument("--steps", type=number(int, lo=1), default=50, help="sampling steps (>= 1)")
     p.add_argument("--sampler", choices=["ddim", "ancestral"], default="ddim", help="DDIM, or Ho & Salimans' Algorithm 2")
     p.add_argument("--eta", type=number(float, 0, 1), default=0.0, help="ddim: 0 is deterministic, 1 adds DDPM's "

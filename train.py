@@ -1,4 +1,4 @@
-"""Train the class-conditional U-Net with the standard or the aligned classifier-free guidance loss.
+"""Train the class-conditional U-Net with the standard, aligned or guidance-free classifier-free guidance loss.
 
     python train.py --loss aligned --w 2        # CIFAR-10, downloaded into ./data, run folder runs/aligned-w2
 
