@@ -124,6 +124,18 @@ def sample_images(model, schedule, labels, *, null_class, w=0.0, steps=50, eta=0
     return np.concatenate(out) if out else np.zeros((0, *size[1:], 3), np.uint8)
 
 
+def sample_checkpoint(model, config, labels, *, seed=0, **kw):
+    """sample_images for a checkpoint's (model, config), split over torchrun's ranks: rank r draws its block of the
+    labels, image i still from seed + i, and rank 0 returns all the images in order, the other ranks None. The
+    schedule, the null class and the unguided scale (the w of w_eff = 0, used outside a guidance interval) come from
+    config. A plain run is sample_images on all the labels."""
+    part = share(len(labels))
+    images = gather_on_main(sample_images(model, Schedule(config["schedule"]), labels[part], seed=seed + part.start,
+                                          null_class=config["unet"]["num_classes"],
+                                          w_unguided=effective_to_sampling_w(config, 0.0), **kw))
+    return None if images is None else np.concatenate(images)
+
+
 def main(argv=None):
     p = parser("Draw images with classifier-free guidance from a train.py checkpoint.")
     p.add_argument("--ckpt", type=existing_file, required=True, help="checkpoint written by train.py")
@@ -168,18 +180,16 @@ def main(argv=None):
     if unknown := [t for t in tokens if t not in ids]:
         p.error(f"argument --classes: unknown class {unknown[0]!r}: use ids 0-{len(names) - 1} or names {','.join(names)}")
     classes = [ids[t] for t in tokens]
-    labels, part = balanced_labels(args.n, classes), share(args.n)  # torchrun: each rank draws its block of the images
+    labels = balanced_labels(args.n, classes)
     say = print if rank == 0 else lambda *_: None
     say(f"{args.ckpt}: {config['loss']} loss, {args.n} images at w = {w:g}, {args.steps} {args.sampler} steps on {device}")
     t0 = time.time()
-    images = sample_images(model, Schedule(config["schedule"]), labels[part], null_class=config["unet"]["num_classes"], w=w,
-                           steps=args.steps, eta=args.eta, clip_x0=not args.no_clip, seed=args.seed + part.start,
-                           batch_size=args.batch_size, device=device, amp=args.amp, sampler=args.sampler, v=args.v,
-                           guidance_interval=args.guidance_interval, w_unguided=effective_to_sampling_w(config, 0.0),
-                           progress=lambda done, n: say(f"{done}/{n} images, {done / (time.time() - t0):.2f} images/s"))
-    if (images := gather_on_main(images)) is None:  # rank 0 gathers the blocks, in order (image i: seed + i), and writes
+    images = sample_checkpoint(model, config, labels, w=w, steps=args.steps, eta=args.eta, clip_x0=not args.no_clip,
+                               seed=args.seed, batch_size=args.batch_size, device=device, amp=args.amp,
+                               sampler=args.sampler, v=args.v, guidance_interval=args.guidance_interval,
+                               progress=lambda done, n: say(f"{done}/{n} images, {done / (time.time() - t0):.2f} images/s"))
+    if images is None:  # under torchrun rank 0 alone writes
         return
-    images = np.concatenate(images)
     os.makedirs(args.out, exist_ok=True)
     tiles, nrow = class_grid(images, len(classes))
     save_grid(tiles, os.path.join(args.out, "grid.png"), nrow)

@@ -16,12 +16,11 @@ import time
 import numpy as np
 
 import fid
-from diffusion import Schedule
-from distributed import gather_on_main, init_distributed, rank_and_world, share
+from distributed import init_distributed, rank_and_world
 from flags import existing_file, interval, number, numbers, output_dir, parser
 from inception import FIDError, load_inception
 from runtime import class_grid, pick_device, save_grid, write_atomic
-from sample import CheckpointError, balanced_labels, effective_to_sampling_w, effective_w, load_checkpoint, sample_images
+from sample import CheckpointError, balanced_labels, effective_to_sampling_w, effective_w, load_checkpoint, sample_checkpoint
 
 HEADER = ["checkpoint", "loss", "w_train", "p_uncond", "w", "w_eff", "steps", "eta", "n", "ref", "fid", "seconds",
           "sampler", "v", "interval"]
@@ -148,17 +147,14 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
     total, spent, start = sum(map(cost, todo)), 0, time.time()
     for i, (path, steps, w) in enumerate(todo):
         model, config = models[path]
-        part = share(n)  # under torchrun this rank's block of the images, image i still from seed + i
-        labels = balanced_labels(n, config["unet"]["num_classes"])[part]
         t0 = time.time()
-        images = sample_images(model, Schedule(config["schedule"]), labels, null_class=config["unet"]["num_classes"], w=w,
-                               steps=steps, eta=eta, clip_x0=clip_x0, seed=seed + part.start, batch_size=batch_size,
-                               device=device, amp=amp, sampler=sampler, v=v, guidance_interval=guidance_interval,
-                               w_unguided=effective_to_sampling_w(config, 0.0))
-        if (images := gather_on_main(images)) is None:
+        images = sample_checkpoint(model, config, balanced_labels(n, config["unet"]["num_classes"]), w=w, steps=steps,
+                                   eta=eta, clip_x0=clip_x0, seed=seed, batch_size=batch_size, device=device, amp=amp,
+                                   sampler=sampler, v=v, guidance_interval=guidance_interval)
+        if images is None:  # under torchrun the other ranks only sample
             continue
         # NCHW in memory like one process's images: the Inception features' last bits depend on the layout
-        images = np.ascontiguousarray(np.concatenate(images).transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+        images = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
         rate = n / (time.time() - t0)
         mu, sigma = fid.feature_statistics(fid.inception_features(inception, images, fid_batch_size, device))
         score = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
