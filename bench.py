@@ -1,12 +1,14 @@
-"""Throughput of the three costly parts, for the README's cost figures (not a test):
+"""Throughput of the three costly parts, for the README's speed tables (not a test):
 
     python bench.py                      # train (all three losses), sample and FID features on the default device
     python bench.py --what train --batch-size 128 --iters 50
+    python bench.py --what cpu-table     # every loss, sampling and FID in fp32/bf16 x NCHW/channels_last, with ratios
 
-Training runs the real losses on the default U-Net with train.py's speed settings (bf16 autocast, channels_last
-on CUDA; the guidance-free loss with a copy of the model as its teacher, as the EMA is in train.py); sampling runs
-sample_images for CFG at w = 2 (two network evaluations a step) and at w = 0, which is how a guidance-free model
-samples the same w_eff (one); FID runs fid.inception_features. Weights are random: speed does not depend on them.
+Training runs the real losses with train.py's speed settings (runtime.fast_path: bf16 autocast in channels_last on
+CUDA and on a CPU with bf16 hardware, else fp32 NCHW; --amp and --channels-last override it; the guidance-free loss
+with a copy of the model as its teacher, as the EMA is in train.py); sampling runs sample_images for CFG at w = 2 (two
+network evaluations a step) and at w = 0, which is how a guidance-free model samples the same w_eff (one); FID runs
+fid.inception_features, always in fp32. Weights are random: speed does not depend on them.
 """
 import argparse
 import copy
@@ -18,15 +20,22 @@ import torch
 import fid
 from diffusion import Schedule
 from inception import FIDInceptionV3
-from flags import number, parser
+from flags import AMP, number, parser, some_of
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
-from runtime import autocast, pick_device
+from runtime import autocast, fast_path, native_bf16, pick_device, speed_line
 from sample import sample_images
+
+# the two networks of the CPU table: the default U-Net (35.75M) and the small one of a CPU run (1.07M), with the
+# batches they are timed at on 2 CPU cores (training, and images per guided sampling step)
+NETWORKS = {"default": (dict(), 16, 16),
+            "small": (dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=()), 64, 64)}
+CONFIGS = {"fp32-nchw": ("none", False), "fp32-cl": ("none", True), "bf16-nchw": ("bf16", False), "bf16-cl": ("bf16", True)}
 
 
 def timed(fn, repeats, sync):
-    fn()  # warm-up: cuDNN autotuning, allocator, lazy init
+    """Seconds per call of fn, the mean of `repeats` calls after one warm-up (cuDNN autotuning, allocator, lazy init)."""
+    fn()
     sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -35,65 +44,133 @@ def timed(fn, repeats, sync):
     return (time.perf_counter() - t0) / repeats
 
 
+def time_training(model, batch, amp, channels_last, device, repeats, sync):
+    """{loss: images/s} of one optimizer step of each loss on random data (Adam, fused on CUDA)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt).train()
+    schedule = Schedule("linear")
+    x = torch.rand(batch, 3, model.img_size, model.img_size, device=device).mul(2).sub(1).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    rates = {}
+    for name, loss_fn in [("standard", lambda: standard_loss(model, schedule, x, y, null_class=10)),
+                          ("aligned", lambda: aligned_loss(model, schedule, x, y, w=2.0, null_class=10)),
+                          ("guidance-free", lambda: guidance_free_loss(model, teacher, schedule, x, y, w=2.0,
+                                                                       null_class=10))]:
+        def step():
+            with autocast(device, amp):
+                loss = loss_fn()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        rates[name] = batch / timed(step, repeats, sync)
+    return rates
+
+
+def time_sampling(model, batch, steps, w, amp, channels_last, device, repeats, sync):
+    """Network evaluations per second (images x steps, twice that for w != 0) of sample_images on `batch` labels."""
+    model.eval()
+    labels = np.arange(batch) % 10
+    s = timed(lambda: sample_images(model, Schedule("linear"), labels, null_class=10, w=w, steps=steps, batch_size=batch,
+                                    device=device, amp=amp, channels_last=channels_last), repeats, sync)
+    return batch * steps * (1 if w == 0 else 2) / s
+
+
+def time_fid(batch, channels_last, device, repeats, sync):
+    """Images/s of fid.inception_features (fp32, TF32 off) on random 32x32 images, with random weights."""
+    inception = FIDInceptionV3().eval().requires_grad_(False).to(device)  # random weights: same cost
+    images = np.random.default_rng(0).integers(0, 256, (2 * batch, 32, 32, 3), dtype=np.uint8)
+    return len(images) / timed(lambda: fid.inception_features(inception, images, batch, device, progress=False,
+                                                              channels_last=channels_last), repeats, sync)
+
+
+def cpu_table(networks, configs, repeats, steps, device, batch=None):
+    """The markdown table of README's "Measuring speed": each row a measurement, each column a precision and layout,
+    each cell its figure and its ratio to fp32 NCHW (the first column). batch replaces every batch size of NETWORKS
+    and FID's 50 (for a quick check)."""
+    fid_batch = batch or 50
+    sync = lambda: None
+    rows = {}
+    for name in [n for n in networks if n != "inception"]:
+        kw, train_batch, sample_batch = NETWORKS[name]
+        train_batch, sample_batch = batch or train_batch, batch or sample_batch
+        for config in configs:
+            amp, channels_last = CONFIGS[config]
+            torch.manual_seed(0)
+            model = UNet(**kw).to(device)
+            for loss, rate in time_training(model, train_batch, amp, channels_last, device, repeats, sync).items():
+                rows.setdefault(f"{name} U-Net, train {loss}, batch {train_batch} (img/s)", {})[config] = rate
+            rate = time_sampling(model, sample_batch, steps, 2.0, amp, channels_last, device, repeats, sync)
+            rows.setdefault(f"{name} U-Net, guided sampling, {sample_batch} images (img-evals/s)", {})[config] = rate
+            print(f"measured {name} U-Net, {config}", flush=True)
+    for config in [c for c in configs if c.startswith("fp32") and "inception" in networks]:  # fp32 only: = pytorch-fid
+        rows.setdefault(f"FID Inception features, batch {fid_batch} (img/s)", {})[config] = time_fid(
+            fid_batch, CONFIGS[config][1], device, repeats, sync)
+    lines = ["| measurement | " + " | ".join(configs) + " |", "|---|" + "---:|" * len(configs)]
+    for what, figures in rows.items():
+        base = figures.get(configs[0])
+        cells = [f"{figures[c]:.1f}" + (f" ({figures[c] / base:.2f}x)" if base and c != configs[0] else "")
+                 if c in figures else "-" for c in configs]
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = parser(__doc__.split("\n")[0], formatter_class=argparse.HelpFormatter)
-    p.add_argument("--what", choices=["train", "sample", "fid", "all"], default="all",
-                   help="what to time (default: all)")
+    p.add_argument("--what", choices=["train", "sample", "fid", "all", "cpu-table"], default="all",
+                   help="what to time (default: all = train, sample, fid; cpu-table: the README's CPU table)")
     p.add_argument("--device", type=pick_device, default="auto",
                    help="auto (cuda when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--amp", **{**AMP, "help": AMP["help"] + " (not cpu-table, which times each)"})
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                   help="memory layout; auto follows --amp as train.py does (not cpu-table, which times each)")
     p.add_argument("--ch", type=number(int, lo=32, multiple=32), default=128,
                    help="U-Net width, a multiple of 32 (default: 128, the default model)")
     p.add_argument("--batch-size", type=number(int, lo=1), default=None,
-                   help=">= 1 (default: 128 on CUDA, 8 on the CPU)")
+                   help=">= 1 (default: 128 on CUDA, 8 on the CPU; cpu-table: the table's, 50 for FID)")
     p.add_argument("--iters", type=number(int, lo=1), default=None,
                    help="timed repeats, >= 1 (default: 20 on CUDA, 2 on the CPU)")
-    p.add_argument("--sample-steps", type=number(int, lo=1), default=10,
-                   help="DDIM steps per timed sampling call (>= 1; default: 10)")
+    p.add_argument("--sample-steps", type=number(int, lo=1), default=None,
+                   help="DDIM steps per timed sampling call (>= 1; default: 10, cpu-table 2)")
+    p.add_argument("--networks", type=some_of([*NETWORKS, "inception"]), default=[*NETWORKS, "inception"],
+                   help="cpu-table: the networks to time (default: default,small,inception: the U-Nets and FID's)")
+    p.add_argument("--configs", type=some_of(CONFIGS), default=list(CONFIGS), help="cpu-table: precisions and layouts, the first is the ratios' base "
+                   "(default: all four)")
     args = p.parse_args(argv)
     device = args.device
     cuda = device.type == "cuda"
-    batch, repeats = args.batch_size or (128 if cuda else 8), args.iters or (20 if cuda else 2)
+    repeats = args.iters or (20 if cuda else 2)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    amp = "bf16" if cuda else "none"
-    fmt = torch.channels_last if cuda else torch.contiguous_format
-    print(f"device {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, batch {batch}, amp {amp}")
+    name = torch.cuda.get_device_name(device) if cuda else getattr(torch.cpu, "get_capabilities", dict)().get("cpu_name")
+    print(f"device {device} ({name or 'unknown'}; bf16 hardware: {native_bf16() or 'none'}), {torch.get_num_threads()} "
+          f"CPU threads, torch {torch.__version__}")
+    if args.what == "cpu-table":
+        print(cpu_table(args.networks, args.configs, repeats, args.sample_steps or 2, device, args.batch_size))
+        return
+    amp, channels_last, why = fast_path(device, args.amp, args.channels_last != "off")
+    channels_last = channels_last or args.channels_last == "on"
+    batch = args.batch_size or (128 if cuda else 8)
+    print(speed_line(device, amp, channels_last, why) + f", batch {batch}")
 
-    model = UNet(ch=args.ch).to(device, memory_format=fmt)
-    schedule, x = Schedule("linear"), torch.rand(batch, 3, 32, 32, device=device).mul(2).sub(1).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (batch,), device=device)
+    model = UNet(ch=args.ch).to(device)
     if args.what in ("train", "all"):
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=cuda)
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        for name, loss_fn in [("standard", lambda: standard_loss(model, schedule, x, y, null_class=10)),
-                              ("aligned", lambda: aligned_loss(model, schedule, x, y, w=2.0, null_class=10)),
-                              ("guidance-free", lambda: guidance_free_loss(model, teacher, schedule, x, y, w=2.0,
-                                                                           null_class=10))]:
-            def step():
-                with autocast(device, amp):
-                    loss = loss_fn()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            s = timed(step, repeats, sync)
-            mem = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else ""
-            print(f"train {name:13s}: {1 / s:7.2f} steps/s, {batch / s:8.1f} img/s{mem}; "
-                  f"100k steps take {1e5 * s / 3600:.2f} h")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        for name, rate in time_training(model, batch, amp, channels_last, device, repeats, sync).items():
+            print(f"train {name:13s}: {rate:8.1f} img/s; 100k steps take {1e5 * batch / rate / 3600:.2f} h")
+        if cuda:
+            print(f"train: peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     if args.what in ("sample", "all"):
-        model.eval()
-        labels, rates = np.arange(batch) % 10, {}
+        steps, rates = args.sample_steps or 10, {}
         for w, who in [(2.0, "CFG at w=2 (standard, aligned)"), (0.0, "w=0 (guidance-free at its W)")]:
-            s = timed(lambda: sample_images(model, schedule, labels, null_class=10, w=w, steps=args.sample_steps,
-                                            batch_size=batch, device=device, amp=amp), repeats, sync)
-            rates[w] = batch / s * args.sample_steps / 50
-            print(f"sample {who:31s}: {rates[w]:8.2f} img/s at 50 steps ({batch * args.sample_steps / s:.0f} image-steps/s)")
+            evals = time_sampling(model, batch, steps, w, amp, channels_last, device, repeats, sync)
+            rates[w] = evals / (1 if w == 0 else 2) / 50
+            print(f"sample {who:31s}: {rates[w]:8.2f} img/s at 50 steps ({evals:.0f} network evaluations/s)")
         print(f"sample: one network evaluation a step is {rates[0.0] / rates[2.0]:.2f}x the images/s of two")
     if args.what in ("fid", "all"):
-        inception = FIDInceptionV3().eval().requires_grad_(False).to(device)  # random weights: same cost
-        images = np.random.default_rng(0).integers(0, 256, (2 * batch, 32, 32, 3), dtype=np.uint8)
-        s = timed(lambda: fid.inception_features(inception, images, batch, device, progress=False), repeats, sync)
-        print(f"fid features: {len(images) / s:8.1f} img/s (batch {batch}, fp32, TF32 off)")
+        rate = time_fid(batch, None, device, repeats, sync)
+        print(f"fid features: {rate:8.1f} img/s (batch {batch}, fp32, TF32 off)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,11 @@ from scipy.special import logsumexp
 from data import load_cifar10, load_image_folder, load_npz_images, open_npz
 from inception import FIDError, load_inception
 from flags import existing_file, number, output_dir, output_file, parser
-from runtime import pick_device, write_atomic
+from runtime import pick_device, speed_line, warn, write_atomic
 
 CIFAR10 = ("cifar10-train", "cifar10-test")
+# Inception's memory layout, by device type: measured by `python bench.py --what cpu-table` (README, "Measuring speed")
+INCEPTION_CHANNELS_LAST = {"cpu": False, "cuda": False}
 
 
 # -----------------------------------------------------------------------------
@@ -53,8 +54,11 @@ def exact_fp32(device_type):
             k.fp32_precision = s
 
 
-def inception_features(model, images, batch_size=50, device=None, logits=False, progress=True):
-    """Pool features (float64 [N, 2048]) of uint8 images [N, H, W, 3]; with logits=True also the logits."""
+def inception_features(model, images, batch_size=50, device=None, logits=False, progress=True, channels_last=None):
+    """Pool features (float64 [N, 2048]) of uint8 images [N, H, W, 3]; with logits=True also the logits.
+
+    Always fp32 (exact_fp32): the features must equal pytorch-fid's. channels_last=None is INCEPTION_CHANNELS_LAST's
+    choice for the device; the layout changes only the last bits of the features."""
     if images.ndim != 4 or images.shape[-1] != 3 or str(images.dtype) not in ("uint8", "torch.uint8") \
             or len(images) == 0:
         raise FIDError(f"expected uint8 images [N, H, W, 3], got {images.dtype} {tuple(images.shape)}")
@@ -62,12 +66,14 @@ def inception_features(model, images, batch_size=50, device=None, logits=False, 
         raise FIDError("these weights have no classifier, so they cannot give an Inception Score; use "
                        "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (--weights)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device)
+    channels_last = INCEPTION_CHANNELS_LAST[device.type] if channels_last is None else channels_last
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device, memory_format=fmt)
     feats, logs = [], []
     start = last = time.perf_counter()
     with exact_fp32(device.type):
         for i in range(0, len(images), batch_size):
-            f, l = model(preprocess(torch.as_tensor(images[i:i + batch_size]).to(device)))
+            f, l = model(preprocess(torch.as_tensor(images[i:i + batch_size]).to(device)).contiguous(memory_format=fmt))
             feats.append(f.double().cpu())
             logs.append(None if l is None else l.double().cpu())
             done, now = min(i + batch_size, len(images)), time.perf_counter()
@@ -87,8 +93,8 @@ def feature_statistics(feats):
     if len(feats) < 2:
         raise FIDError(f"FID needs at least 2 images, got {len(feats)}")
     if len(feats) < feats.shape[1]:
-        warnings.warn(f"only {len(feats)} images: the {feats.shape[1]}x{feats.shape[1]} covariance is "
-                      "rank-deficient and FID is biased upwards; compare FIDs at equal sample counts")
+        warn(f"only {len(feats)} images: the {feats.shape[1]}x{feats.shape[1]} covariance is "
+             "rank-deficient and FID is biased upwards; compare FIDs at equal sample counts")
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
@@ -227,6 +233,8 @@ def main(argv=None):
 
 
 def run(args, inputs, device):
+    print(speed_line(device, "none", INCEPTION_CHANNELS_LAST[device.type], "FID's Inception is always fp32, to equal "
+                     "pytorch-fid"), file=sys.stderr)
     kw = dict(batch_size=args.batch_size, device=device, data_dir=args.data_dir, weights=args.weights)
     stats = []
     for i, source in enumerate(inputs):

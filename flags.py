@@ -5,6 +5,11 @@ import math
 import os
 
 
+# --amp of every command that runs the U-Net: one set of choices, one default, one help text
+AMP = dict(choices=["auto", "bf16", "fp16", "none"], default="auto", help="autocast dtype; auto: bf16 on CUDA and on a "
+           "CPU with bf16 hardware (AMX, AVX-512 BF16), none (fp32) on other CPUs, where bf16 is emulated and slow")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but an error is the one line `prog: error: message` (no usage line), still with exit status 2."""
 
@@ -52,6 +57,16 @@ def numbers(kind=float, empty_ok=False, **bounds):
 
     def parse(text):
         return [] if empty_ok and not text.strip() else [one(v.strip()) for v in text.split(",")]
+    return parse
+
+
+def some_of(options):
+    """An argparse type for a comma list of some of `options`, in the order given (e.g. --configs fp32-nchw,bf16-cl)."""
+    def parse(text):
+        values = [v.strip() for v in text.split(",")]
+        if bad := [v for v in values if v not in options]:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(options)}, got {bad[0]!r}")
+        return values
     return parse
 
 

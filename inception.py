@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import one_line
+from runtime import one_line, warn
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -226,7 +226,7 @@ def find_weights():
         helper = Path(spec.submodule_search_locations[0]) / "default_1.pt"
         if helper.is_file() and hashlib.sha1(helper.read_bytes()).hexdigest() == HELPER_SHA1:
             return helper
-        warnings.warn(f"ignoring {helper}: missing or not the expected file (sha1 {HELPER_SHA1})")
+        warn(f"ignoring {helper}: missing or not the expected file (sha1 {HELPER_SHA1})")
     print(f"downloading the FID Inception weights to {cached}", file=sys.stderr)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)

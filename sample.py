@@ -4,7 +4,6 @@ writes grid.png (one row per class) and samples.npz (OpenAI ADM's format: arr_0 
 --out. Its functions need no argparse: train.py (sample grids) and sweep.py use them.
 """
 import os
-import time
 
 import numpy as np
 import torch
@@ -12,9 +11,9 @@ from PIL import Image
 
 from diffusion import Schedule, ancestral_sample, ddim_sample
 from distributed import gather_on_main, init_distributed, rank_and_world, share
-from flags import existing_file, interval, number, output_dir, parser
+from flags import AMP, existing_file, interval, number, output_dir, parser
 from model import UNet
-from runtime import autocast, class_grid, one_line, pick_device, save_grid, write_atomic
+from runtime import autocast, class_grid, fast_path, one_line, pick_device, progress, save_grid, speed_line, write_atomic
 
 
 class CheckpointError(ValueError):
@@ -42,10 +41,7 @@ def load_checkpoint(path, device="cpu", ema=True):
         model.load_state_dict(ckpt["ema" if ema else "model"])
     except Exception as e:
         raise CheckpointError(f"{path} is not a checkpoint of this project ({one_line(e)})") from e
-    model = model.to(device).eval().requires_grad_(False)
-    if torch.device(device).type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model, config
+    return model.to(device).eval().requires_grad_(False), config
 
 
 def effective_w(config, w):
@@ -77,8 +73,8 @@ def balanced_labels(n, classes):
 
 @torch.no_grad()
 def sample_images(model, schedule, labels, *, null_class, w=0.0, steps=50, eta=0.0, clip_x0=True, seed=0,
-                  batch_size=None, device="cpu", amp=None, progress=None, sampler="ddim", v=0.3,
-                  guidance_interval=None, w_unguided=0.0):
+                  batch_size=None, device="cpu", amp="auto", channels_last=True, progress=None, sampler="ddim",
+                  v=0.3, guidance_interval=None, w_unguided=0.0):
     """Draw one image per label, as uint8 [N, H, W, 3]; image i comes from its own generator seeded seed + i.
 
     sampler "ddim" (with eta) or "ancestral" (Ho & Salimans' Algorithm 2, with v); guidance_interval and
@@ -87,11 +83,15 @@ def sample_images(model, schedule, labels, *, null_class, w=0.0, steps=50, eta=0
     The generators live on the CPU, so the starting noise of image i is the same on every device and
     for every batch size. That makes it safe to halve the batch and retry on CUDA out-of-memory, so the
     default batch_size=None starts large there, at 1024; on CPU it is 8, where small batches run fastest.
-    amp=None is bf16 on CUDA. progress(done, total) runs after each batch.
+    amp and channels_last go through runtime.fast_path ('auto': bf16 in channels_last on CUDA and on a CPU with bf16
+    hardware, else fp32 NCHW; channels_last=False keeps NCHW), which also sets the model's memory format.
+    progress(done, total) runs after each batch.
     """
     device = torch.device(device)
     size = (3, model.img_size, model.img_size)
-    channels_last, mixed_precision = device.type == "cuda", autocast(device, amp)
+    amp, channels_last = fast_path(device, amp, channels_last)[:2]
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    mixed_precision = autocast(device, amp)
 
     def eps_model(z, t, y):
         if channels_last:
@@ -163,7 +163,7 @@ def main(argv=None):
     p.add_argument("--png-dir", type=output_dir, help="also write one PNG per image into this directory")
     p.add_argument("--device", type=pick_device, default="auto",
                    help="auto (cuda when there is one), cpu, cuda, cuda:N")
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast dtype; None: bf16 on CUDA, none on CPU")
+    p.add_argument("--amp", **AMP)
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA weights")
     args = p.parse_args(argv)
     device, rank = init_distributed(args.device), rank_and_world()[0]  # a plain run: (args.device, 0)
@@ -182,12 +182,12 @@ def main(argv=None):
     classes = [ids[t] for t in tokens]
     labels = balanced_labels(args.n, classes)
     say = print if rank == 0 else lambda *_: None
+    say(speed_line(device, *fast_path(device, args.amp)))
     say(f"{args.ckpt}: {config['loss']} loss, {args.n} images at w = {w:g}, {args.steps} {args.sampler} steps on {device}")
-    t0 = time.time()
     images = sample_checkpoint(model, config, labels, w=w, steps=args.steps, eta=args.eta, clip_x0=not args.no_clip,
                                seed=args.seed, batch_size=args.batch_size, device=device, amp=args.amp,
                                sampler=args.sampler, v=args.v, guidance_interval=args.guidance_interval,
-                               progress=lambda done, n: say(f"{done}/{n} images, {done / (time.time() - t0):.2f} images/s"))
+                               progress=progress() if rank == 0 else None)
     if images is None:  # under torchrun rank 0 alone writes
         return
     os.makedirs(args.out, exist_ok=True)

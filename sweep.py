@@ -17,9 +17,9 @@ import numpy as np
 
 import fid
 from distributed import init_distributed, rank_and_world
-from flags import existing_file, interval, number, numbers, output_dir, parser
+from flags import AMP, existing_file, interval, number, numbers, output_dir, parser
 from inception import FIDError, load_inception
-from runtime import class_grid, pick_device, save_grid, write_atomic
+from runtime import class_grid, fast_path, pick_device, progress, save_grid, speed_line, write_atomic
 from sample import CheckpointError, balanced_labels, effective_to_sampling_w, effective_w, load_checkpoint, sample_checkpoint
 
 HEADER = ["checkpoint", "loss", "w_train", "p_uncond", "w", "w_eff", "steps", "eta", "n", "ref", "fid", "seconds",
@@ -78,8 +78,8 @@ def markdown(rows, column):
         out += [f"## {steps} sampling steps: FID by {column}", "",
                 "| checkpoint | " + " | ".join(f"{column}={c:g}" for c in cols) + " |",
                 "| --- |" + " ---: |" * len(cols)]
-        for ckpt in dict.fromkeys(map(label, cells)):
-            fids = {float(r[column]): float(r["fid"]) for r in cells if label(r) == ckpt}
+        for ckpt in dict.fromkeys(label(r, run_name) for r in cells):
+            fids = {float(r[column]): float(r["fid"]) for r in cells if label(r, run_name) == ckpt}
             best = min(fids.values())
             row = [("**%.2f**" if fids[c] == best else "%.2f") % fids[c] if c in fids else "" for c in cols]
             out.append(f"| {ckpt} | " + " | ".join(row) + " |")
@@ -108,7 +108,7 @@ def plot(rows, column, path):
 
 
 def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train", out="sweep", eta=0.0, seed=0,
-              clip_x0=True, batch_size=None, device="cpu", amp=None, fid_batch_size=50, data_dir="data", weights=None,
+              clip_x0=True, batch_size=None, device="cpu", amp="auto", fid_batch_size=50, data_dir="data", weights=None,
               sampler="ddim", v=0.3, guidance_interval=None):
     """Sample and score every checkpoint x steps x w cell not yet in out/results.csv; return all rows. Under torchrun
     each rank draws its block of every cell's images and rank 0 alone scores them and writes."""
@@ -135,6 +135,7 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
     os.makedirs(os.path.join(out, "grids"), exist_ok=True)
     main = rank_and_world()[0] == 0
     if main:
+        print(speed_line(device, *fast_path(device, amp)), file=sys.stderr)
         print(f"sweep: {len(todo)} cells to compute, {len(done)} already in {csv_path}", file=sys.stderr)
     column = "w" if ws is not None else "w_eff"
     suffix = (f"_ancestral_v{v:g}" if sampler == "ancestral" else "") + \
@@ -150,7 +151,9 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
         t0 = time.time()
         images = sample_checkpoint(model, config, balanced_labels(n, config["unet"]["num_classes"]), w=w, steps=steps,
                                    eta=eta, clip_x0=clip_x0, seed=seed, batch_size=batch_size, device=device, amp=amp,
-                                   sampler=sampler, v=v, guidance_interval=guidance_interval)
+                                   sampler=sampler, v=v, guidance_interval=guidance_interval,
+                                   progress=progress(prefix=f"[cell {i + 1}/{len(todo)}] {run_name(path)} steps={steps} "
+                                                     f"w={w:g}: ", file=sys.stderr) if main else None)
         if images is None:  # under torchrun the other ranks only sample
             continue
         # NCHW in memory like one process's images: the Inception features' last bits depend on the layout
@@ -196,7 +199,7 @@ def main(argv=None):
     p.add_argument("--seed", type=number(int, lo=0), default=0, help="image i of every cell starts from seed + i")
     p.add_argument("--batch-size", type=number(int, lo=1), help="images per sampling batch (None: 1024 on CUDA, halved "
                    "on OOM; 8 on CPU)")
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], help="sampling autocast (None: bf16 on CUDA)")
+    p.add_argument("--amp", **AMP)
     p.add_argument("--no-clip", action="store_true", help="do not clamp the predicted clean image to [-1, 1]")
     p.add_argument("--fid-batch-size", type=number(int, lo=1), default=50, help="images per Inception forward pass")
     p.add_argument("--device", type=pick_device, default="auto",

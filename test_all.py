@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -38,6 +39,44 @@ import train
 from diffusion import Schedule, add_noise, ancestral_sample, ddim_sample
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
+
+# ---- runtime.py: the precision and layout rule, progress lines ----
+
+
+def _fake_cpu(monkeypatch, **caps):
+    """This process sees a CPU with exactly the capabilities `caps` (e.g. amx_bf16=True), as torch reports them."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"cpu_name": "fake", **caps})
+
+
+def test_fast_path_is_bf16_in_channels_last_only_where_the_cpu_has_bf16_hardware(monkeypatch):
+    _fake_cpu(monkeypatch, amx_bf16=True, avx512_bf16=True)
+    assert runtime.fast_path("cpu") == ("bf16", True, "auto: native bf16, AMX")
+    assert runtime.speed_line("cpu", *runtime.fast_path("cpu")) == "cpu, amp bf16, channels_last (auto: native bf16, AMX)"
+    assert runtime.fast_path("cpu", "none") == ("none", False, "--amp none")  # today's fp32 path, on request
+    assert runtime.fast_path("cpu", "auto", channels_last=False) == ("bf16", False, "auto: native bf16, AMX")
+    _fake_cpu(monkeypatch, avx512_bf16=True)
+    assert runtime.fast_path("cpu") == ("bf16", True, "auto: native bf16, AVX-512 BF16")
+    _fake_cpu(monkeypatch, avx2=True, avx512_f=True)  # AVX-512 alone emulates bf16
+    amp, channels_last, why = runtime.fast_path("cpu")
+    assert (amp, channels_last) == ("none", False) and why.startswith("auto: no native bf16 on this CPU (")
+    assert runtime.fast_path("cpu", "bf16") == ("bf16", True, "--amp bf16")  # asked for: kept, with its layout
+    assert runtime.fast_path(torch.device("cuda"), "auto") == ("bf16", True, "auto: cuda")  # no GPU needed to decide
+    assert runtime.fast_path(torch.device("cuda"), "none") == ("none", True, "--amp none")
+    assert isinstance(runtime.autocast("cpu", "auto"), contextlib.nullcontext)
+    _fake_cpu(monkeypatch, amx_bf16=True)
+    assert runtime.autocast("cpu", "auto").fast_dtype == torch.bfloat16
+
+
+def test_progress_lines_are_throttled_and_end_with_the_total(capsys):
+    report = runtime.progress(every=3600)
+    for done in (8, 16, 24):
+        report(done, 24)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("8/24 images, ") and lines[1].startswith("24/24 images, ")
+    assert lines[1].endswith("images/s, eta 0.0 min")
+    runtime.progress(every=0, prefix="[cell 1/2] ", file=sys.stderr)(1, 4)
+    assert re.fullmatch(r"\[cell 1/2\] 1/4 images, [\d.]+ images/s, eta [\d.]+ min\n", capsys.readouterr().err)
+
 
 # ---- diffusion.py: schedules ----
 
@@ -857,16 +896,16 @@ def test_fid_full_covariance_symmetry_and_zero():
         fid.frechet_distance(mu1, s1, mu2[:6], s2[:6, :6])
 
 
-def test_fid_feature_statistics_float64_count_checks():
+def test_fid_feature_statistics_float64_count_checks(capsys):
     feats = np.random.default_rng(2).normal(size=(40, 8)).astype(np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # 40 >= 8: no rank warning
-        mu, sigma = fid.feature_statistics(feats)
+    mu, sigma = fid.feature_statistics(feats)
+    assert capsys.readouterr().err == ""  # 40 >= 8: no rank warning
     assert mu.dtype == sigma.dtype == np.float64
     np.testing.assert_allclose(sigma, (feats - feats.mean(0)).T.astype(np.float64) @ (feats - feats.mean(0)) / 39,
                                rtol=1e-6)
-    with pytest.warns(UserWarning, match="rank-deficient"):
-        fid.feature_statistics(feats[:5])
+    fid.feature_statistics(feats[:5])  # one line on stderr, in every command's form: no file, line number or source
+    assert capsys.readouterr().err == ("warning: only 5 images: the 8x8 covariance is rank-deficient and FID is biased "
+                                       "upwards; compare FIDs at equal sample counts\n")
     with pytest.raises(fid.FIDError, match="at least 2"):
         fid.feature_statistics(feats[:1])
 
@@ -939,10 +978,10 @@ def test_fid_folder_npz_and_stats_inputs_agree(tmp_path, capsys):
     np.savez(tmp_path / "adm.npz", arr_0=imgs[[0, 2, 1]])
     # the folder is searched recursively and sorted: class0/ (images 0, 2) before class1/ (image 1)
     assert np.array_equal(fid.load_images(tmp_path / "folder"), imgs[[0, 2, 1]])
-    with pytest.warns(UserWarning, match="rank-deficient"):
-        fid.main([str(tmp_path / "folder"), "--save-stats", str(tmp_path / "s" / "stats.npz")])
-        mu_n, sigma_n, n_n = fid.input_statistics(tmp_path / "adm.npz", progress=False)
-    assert "FID" not in capsys.readouterr().out
+    fid.main([str(tmp_path / "folder"), "--save-stats", str(tmp_path / "s" / "stats.npz")])
+    mu_n, sigma_n, n_n = fid.input_statistics(tmp_path / "adm.npz", progress=False)
+    out, err = capsys.readouterr()
+    assert "FID" not in out and err.count("rank-deficient") == 2
     assert os.listdir(tmp_path / "s") == ["stats.npz"]  # no temporary file left behind
     with np.load(tmp_path / "s" / "stats.npz") as f:  # what pytorch-fid reads
         mu_f, sigma_f = f["mu"], f["sigma"]
@@ -1063,6 +1102,8 @@ def test_fid_cli_in_a_subprocess(tmp_path):
     script = str(Path(fid.__file__).resolve())
     run = subprocess.run([sys.executable, script, "a.npz", "b.npz"], cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    assert re.fullmatch(r"cpu, amp none, (NCHW|channels_last) \(FID's Inception is always fp32, to equal pytorch-fid\)",
+                        run.stderr.splitlines()[0])
     lines = run.stdout.strip().splitlines()
     assert lines[:2] == ["a.npz: 50 images", "b.npz: 60 images"]
     (mu1, s1, _), (mu2, s2, _) = fid.load_statistics(tmp_path / "a.npz"), fid.load_statistics(tmp_path / "b.npz")
@@ -1100,9 +1141,22 @@ def sample_ckpt(tmp_path_factory):
 
 
 def _sample_run(ckpt, out, *args):
-    sample.main(["--ckpt", ckpt, "--out", str(out), "--steps", "3", *args])
+    sample.main(["--ckpt", ckpt, "--out", str(out), "--steps", "3", "--amp", "none", *args])  # fp32 on any CPU
     with np.load(out / "samples.npz") as npz:
         return npz["arr_0"], npz["arr_1"]
+
+
+def test_sample_auto_precision_follows_the_cpu(sample_ckpt, tmp_path, monkeypatch, capsys):
+    run = lambda out: sample.main(["--ckpt", sample_ckpt, "--out", str(tmp_path / out), "--n", "4", "--steps", "2",
+                                   "--w", "0"]) or np.load(tmp_path / out / "samples.npz")["arr_0"]
+    _fake_cpu(monkeypatch, avx512_bf16=True)
+    low = run("bf16")
+    assert capsys.readouterr().out.splitlines()[0] == "cpu, amp bf16, channels_last (auto: native bf16, AVX-512 BF16)"
+    _fake_cpu(monkeypatch, avx2=True)
+    exact = run("fp32")
+    assert capsys.readouterr().out.splitlines()[0].startswith("cpu, amp none, NCHW (auto: no native bf16")
+    # bf16 ran, and drew the same images up to its rounding (this random network amplifies it: mean 5 levels, r = 0.99)
+    assert not np.array_equal(low, exact) and np.corrcoef(low.ravel(), exact.ravel())[0, 1] > 0.95
 
 
 def test_sample_writes_adm_npz_class_grid_and_pngs(sample_ckpt, tmp_path, capsys):
@@ -1289,7 +1343,7 @@ def test_sample_command_line(sample_ckpt, tmp_path):
 
 
 _TRAIN_TINY = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-res", "", "--img-size", "8",
-               "--sample-steps", "1", "--log-every", "0", "--warmup", "0", "--device", "cpu"]
+               "--sample-steps", "1", "--log-every", "0", "--warmup", "0", "--device", "cpu", "--amp", "none"]  # exact fp32
 
 
 def _train_class_folder(root, n_per_class=8, size=8, classes=("cat", "dog", "ship")):
@@ -1524,6 +1578,18 @@ def test_train_tiny_run_through_the_command_line(tmp_path):
     assert abs(log[0]["loss"] - 1) < 0.1 and last < 0.6 * first, (first, last)
 
 
+@pytest.mark.parametrize("bf16_hardware", [True, False])
+def test_train_auto_precision_and_layout_follow_the_cpu(tmp_path, monkeypatch, capsys, bf16_hardware):
+    _fake_cpu(monkeypatch, **({"amx_bf16": True} if bf16_hardware else {"avx2": True}))
+    ckpt = _train_tiny_run(tmp_path, tmp_path / "run", "--iters", "1", "--amp", "auto")
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first == "cpu, amp bf16, channels_last (auto: native bf16, AMX)" if bf16_hardware else \
+        first.startswith("cpu, amp none, NCHW (auto: no native bf16 on this CPU (")
+    assert ckpt["config"]["amp"] == ("bf16" if bf16_hardware else "none")
+    weight = ckpt["model"]["conv_out.weight"]  # [3, 32, 3, 3]: its strides tell the layout the model trained in
+    assert weight.is_contiguous(memory_format=torch.channels_last) == bf16_hardware != weight.is_contiguous()
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_train_mixed_precision_runs_saves_and_resumes_on_the_cpu(tmp_path, amp):
     """The autocast and GradScaler paths that CUDA runs by default, on the CPU so that CI reaches them."""
@@ -1599,7 +1665,7 @@ def _sweep_csv(path):
 def test_sweep_writes_results_and_resumes_only_missing_cells(tmp_path):
     ckpts, ref = _sweep_setup(tmp_path)
     out = tmp_path / "sweep"
-    args = ["--ckpt", *ckpts, "--w", "0,2", "--steps", "2", "--n", "4", "--ref", ref, "--out", str(out)]
+    args = ["--ckpt", *ckpts, "--w", "0,2", "--steps", "2", "--n", "4", "--ref", ref, "--out", str(out), "--amp", "none"]
     run = subprocess.run([sys.executable, "sweep.py", *args], capture_output=True, text=True,
                          cwd=Path(__file__).parent)
     assert run.returncode == 0, run.stderr
@@ -1618,7 +1684,7 @@ def test_sweep_writes_results_and_resumes_only_missing_cells(tmp_path):
     assert "## 2 sampling steps" in md and "| checkpoint | w=0 | w=2 |" in md
     for ckpt in ckpts:
         fids = [float(r["fid"]) for r in rows if r["checkpoint"] == ckpt]
-        row = next(line for line in md.splitlines() if line.startswith(f"| {ckpt} |"))
+        row = next(line for line in md.splitlines() if line.startswith(f"| {sweep.run_name(ckpt)} |"))  # the run's name
         assert row.count("**") == 2 and f"**{min(fids):.2f}**" in row and f"{max(fids):.2f}" in row
     grids = sorted(p.name for p in (out / "grids").iterdir())
     assert grids == ["aligned-w2_steps2_w0.png", "aligned-w2_steps2_w2.png", "standard_steps2_w0.png", "standard_steps2_w2.png"]
@@ -1645,12 +1711,17 @@ def test_sweep_bad_checkpoint_through_the_command_line(tmp_path):
     assert "is not a checkpoint of this project" in run.stderr.strip().splitlines()[-1]
 
 
-def test_sweep_effective_w_maps_per_checkpoint(tmp_path, capsys):
+def test_sweep_effective_w_maps_per_checkpoint(tmp_path, capsys, monkeypatch):
     ckpts, ref = _sweep_setup(tmp_path)
+    _fake_cpu(monkeypatch, amx_bf16=True)  # and the auto precision follows the CPU, as in every command
     sweep.main(["--ckpt", *ckpts, "--w-eff", "1", "--steps", "1", "--n", "2", "--ref", ref, "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "cpu, amp bf16, channels_last (auto: native bf16, AMX)"
+    assert any(re.fullmatch(r"\[cell 2/2\] aligned-w2 steps=1 w=5: 2/2 images, .* images/s, eta 0.0 min", e) for e in err)
     _, rows, _ = _sweep_csv(tmp_path / "s" / "results.csv")
     assert [(float(r["w"]), float(r["w_eff"])) for r in rows] == [(1.0, 1.0), (5.0, 1.0)]  # aligned: 2 + 1 * (1 + 2)
-    assert "| checkpoint | w_eff=1 |" in (tmp_path / "s" / "results.md").read_text()
+    md = (tmp_path / "s" / "results.md").read_text()
+    assert "| checkpoint | w_eff=1 |" in md and "\n| standard | " in md and "\n| aligned-w2 | " in md  # run names
 
 
 def test_sweep_sampler_columns_are_part_of_the_resume_key(tmp_path, capsys, monkeypatch):
@@ -1666,8 +1737,7 @@ def test_sweep_sampler_columns_are_part_of_the_resume_key(tmp_path, capsys, monk
     assert [(r["sampler"], r["v"], r["interval"]) for r in rows] == [("ddim", "", ""), ("ancestral", "0.2", "(0.5, inf]")]
     assert rows[0]["fid"] != rows[1]["fid"]
     assert (out / "grids" / "standard_steps2_w1_ancestral_v0.2_interval0.5-inf.png").exists()
-    assert "| standard/ckpt.pt (ancestral v=0.2, guidance in (0.5, inf]) |" in (out / "results.md").read_text().replace(
-        str(tmp_path) + "/", "")
+    assert "| standard (ancestral v=0.2, guidance in (0.5, inf]) |" in (out / "results.md").read_text()
     capsys.readouterr()
     sweep.main(ancestral)  # resumes by sampler, v and interval: nothing left to do
     assert "0 cells to compute, 2 already" in capsys.readouterr().err and len(_sweep_csv(out / "results.csv")[1]) == 2
@@ -1721,6 +1791,29 @@ def test_unknown_device_is_one_line_error_in_every_command(tmp_path, sample_ckpt
     assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
     assert runtime.pick_device("cpu") == torch.device("cpu")
     assert runtime.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- bench.py ----
+
+
+def test_bench_follows_the_auto_rule_and_prints_the_cpu_table(monkeypatch, capsys):
+    _fake_cpu(monkeypatch, amx_bf16=True)
+    with _train_one_thread():
+        bench.main(["--what", "sample", "--device", "cpu", "--ch", "32", "--batch-size", "1", "--iters", "1",
+                    "--sample-steps", "1"])
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == "device cpu (fake; bf16 hardware: AMX), 1 CPU threads, torch " + torch.__version__
+        assert lines[1] == "cpu, amp bf16, channels_last (auto: native bf16, AMX), batch 1"
+        bench.main(["--what", "cpu-table", "--networks", "small", "--configs", "fp32-nchw,fp32-cl", "--iters", "1",
+                    "--batch-size", "1", "--sample-steps", "1"])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert table[:2] == ["| measurement | fp32-nchw | fp32-cl |", "|---|---:|---:|"]
+    assert [row.split(" | ")[0] for row in table[2:]] == [
+        "| small U-Net, train standard, batch 1 (img/s)", "| small U-Net, train aligned, batch 1 (img/s)",
+        "| small U-Net, train guidance-free, batch 1 (img/s)", "| small U-Net, guided sampling, 1 images (img-evals/s)"]
+    for row in table[2:]:  # each figure, then its ratio to the first column
+        base, other, ratio = (float(v) for v in re.fullmatch(r"\| .* \| ([\d.]+) \| ([\d.]+) \(([\d.]+)x\) \|", row).groups())
+        assert base > 0 and other > 0 and ratio == pytest.approx(other / base, abs=0.01 + 0.1 * ratio)  # rounding
 
 
 # ---- toy.py ----
@@ -1886,7 +1979,8 @@ def test_torchrun_two_ranks_train_in_step_write_once_and_resume_on_any_count(tmp
 
 
 def test_torchrun_sample_gives_the_one_process_npz(sample_ckpt, tmp_path):
-    args = ["--ckpt", sample_ckpt, "--n", "7", "--w", "2", "--steps", "2", "--batch-size", "1", "--device", "cpu"]
+    args = ["--ckpt", sample_ckpt, "--n", "7", "--w", "2", "--steps", "2", "--batch-size", "1", "--device", "cpu",
+            "--amp", "none"]
     run = _torchrun("sample.py", [*args, "--out", tmp_path / "two"], tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("wrote") == 1 and "7 images at w = 2" in run.stdout  # rank 0 alone prints

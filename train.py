@@ -21,10 +21,10 @@ import torch
 from data import load_cifar10, load_image_folder
 from diffusion import Schedule
 from distributed import gather_on_main, init_distributed, main_first, mean_over_ranks, rank_and_world, share
-from flags import folder_or, number, numbers, output_dir, parser, unit_range
+from flags import AMP, folder_or, number, numbers, output_dir, parser, unit_range
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
-from runtime import autocast, one_line, pick_device, save_grid, write_atomic
+from runtime import autocast, fast_path, one_line, pick_device, save_grid, speed_line, warn, write_atomic
 from sample import sample_images
 
 SAMPLES_PER_CLASS = 8  # columns per guidance scale in the sample grids
@@ -85,9 +85,9 @@ def get_parser():
     g.add_argument("--ema-decay", type=FRACTION, default=0.9999, help="EMA decay in [0, 1), warmed up as"
                    " min(decay, (1+step)/(10+step))")
     g = p.add_argument_group("speed")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto", help="autocast dtype; auto: bf16 "
-                   "on CUDA, none on the CPU (where bf16 and fp16 run too, slowly: for testing)")
-    g.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA (channels_last is used otherwise)")
+    g.add_argument("--amp", **AMP)
+    g.add_argument("--no-channels-last", action="store_true", help="keep NCHW (channels_last is used on CUDA and with bf16 "
+                   "or fp16 on the CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training model")
     g = p.add_argument_group("run")
     g.add_argument("--out", type=out_folder, default="auto", help="run folder; auto: runs/standard, runs/aligned-w<w> or "
@@ -300,14 +300,14 @@ def save_checkpoint(path, model, ema, opt, scaler, step, config, device):
         print(f"step {step}: the {world} ranks hold bitwise equal weights and EMA; wrote {path}", file=sys.stderr)
 
 
-def sample_grid(ema, schedule, args, null_class, device, amp, path):
+def sample_grid(ema, schedule, args, null_class, device, amp, channels_last, path):
     """One row per class: SAMPLES_PER_CLASS EMA images at w = 0, then the same noises at the training w (standard: 2);
     guidance-free: first unguided (w_eff = 0, at w = -W / (1 + W)), then at w = 0, its own guidance W."""
     ws = {"standard": [0.0, 2.0], "aligned": [0.0, args.w], "guidance-free": [-args.w / (1 + args.w), 0.0]}[args.loss]
     ws = list(dict.fromkeys(ws))  # one column when they coincide (aligned or guidance-free at w = 0)
     ys = np.repeat(np.arange(null_class), SAMPLES_PER_CLASS)
     grids = np.stack([sample_images(ema, schedule, ys, null_class=null_class, w=w, steps=args.sample_steps, seed=args.seed,
-                                    device=device, amp=amp) for w in ws])  # [len(ws), C * k, H, W, 3]
+                                    device=device, amp=amp, channels_last=channels_last) for w in ws])  # [len(ws), C * k, H, W, 3]
     grids = grids.reshape(len(ws), null_class, SAMPLES_PER_CLASS, *grids.shape[2:]).transpose(1, 0, 2, 3, 4, 5)
     save_grid(grids.reshape(-1, *grids.shape[3:]), path, nrow=len(ws) * SAMPLES_PER_CLASS)
     return path
@@ -320,8 +320,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     check_args(p, args)
     device, (rank, world) = init_distributed(args.device), rank_and_world()  # a plain run: (args.device, (0, 1))
-    amp = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
-    channels_last = device.type == "cuda" and not args.no_channels_last
+    amp, channels_last, why = fast_path(device, args.amp, not args.no_channels_last)
     out = args.out
     with main_first():  # under torchrun rank 0 downloads CIFAR-10 before the other ranks read it
         images, labels, class_names = load_data(p, args)
@@ -352,8 +351,9 @@ def main(argv=None):
     figures = Figures(ckpt_path, start if os.path.exists(ckpt_path) else None)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     if rank == 0:  # under torchrun only rank 0 prints and writes files
+        print(speed_line(device, amp, channels_last, why), file=sys.stderr)
         if device.type == "cpu":
-            print("warning: no CUDA device, training on the CPU: this works but is slow", file=sys.stderr)
+            warn("no CUDA device, training on the CPU: this works but is slow")
         print(f"{args.loss} loss{f' at w={args.w:g}' if args.loss != 'standard' else ''}: {len(images)} images, "
               f"{null_class} classes, {sum(t.numel() for t in model.parameters()) / 1e6:.2f}M parameters, {device}"
               f"{f' x {world}' * (world > 1)}, amp {amp}, steps {start} -> {args.iters}, run folder {out}", file=sys.stderr)
@@ -374,7 +374,8 @@ def main(argv=None):
         if (args.sample_every and done % args.sample_every == 0) or done == args.iters:
             figures.check(done)  # never sample, or save, weights that came from a non-finite loss
             if rank == 0:  # the EMA module alone, no collective inside: the other ranks wait in the next one
-                path = sample_grid(ema, schedule, args, null_class, device, amp, os.path.join(out, f"samples_{done:07d}.png"))
+                path = sample_grid(ema, schedule, args, null_class, device, amp, channels_last,
+                                   os.path.join(out, f"samples_{done:07d}.png"))
                 print(f"step {done}: wrote {path}", file=sys.stderr)
         if (args.save_every and done % args.save_every == 0) or done == args.iters:
             figures.check(done)
