@@ -23,7 +23,7 @@ from scipy.special import logsumexp
 from data import load_cifar10, load_image_folder, load_npz_images, open_npz
 from inception import FIDError, load_inception
 from flags import existing_file, number, output_dir, output_file, parser
-from runtime import pick_device, write_atomic
+from runtime import CleanStop, pick_device, write_atomic
 
 CIFAR10 = ("cifar10-train", "cifar10-test")
 
@@ -221,7 +221,8 @@ def main(argv=None):
     try:
         for source in inputs:
             check_input(source)
-        run(args, inputs, device)
+        with CleanStop("before the result: no file half-written"):  # a signal or a failed write ends it with one line
+            run(args, inputs, device)
     except FIDError as e:
         p.error(str(e))
 
