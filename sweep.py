@@ -212,7 +212,7 @@ def main(argv=None):
     stop = CleanStop(f"before a cell was finished: {csv_path} is as it was", quiet=rank_and_world()[0] > 0)
 
     def progress(done, total):  # a stopped sweep keeps its finished cells, and a rerun skips them
-        stop.finished = f"after {done} of {total} cells: they are in {csv_path}, run the same command for the rest"
+        stop.finished = f"after {done} of {total} cells, kept in {csv_path}: run the same command for the rest"
     try:
         with stop:  # a signal or a failed write ends it with one line
             run_sweep(args.ckpt, args.steps, args.n, ws=args.w if args.w_eff is None else None, w_effs=args.w_eff,
