@@ -1215,9 +1215,10 @@ def _file_size_limit(size):
 
 def test_write_atomic_names_the_file_it_cannot_write_and_keeps_the_old_one(tmp_path):
     """In each writer the commands use: torch.save (which reports the OSError as a RuntimeError), numpy and PIL."""
+    noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3), np.uint8)
     writers = {"ckpt.pt": lambda f: torch.save(torch.zeros(100_000), f),
                "samples.npz": lambda f: np.savez(f, arr_0=np.zeros(100_000)),
-               "grid.png": lambda f: Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), np.uint8)).save(f, "PNG")}
+               "grid.png": lambda f: Image.fromarray(noise).save(f, "PNG")}
     for name in writers:
         (tmp_path / name).write_bytes(b"old")
     errors = []
@@ -1251,9 +1252,12 @@ def test_clean_stop_turns_a_signal_into_one_line_and_128_plus_its_number(capsys)
 def test_sample_sigterm_while_drawing_writes_nothing_and_says_how_far_it_got(sample_ckpt, tmp_path, monkeypatch, capsys):
     real = sample.sample_images
 
-    def sigterm_after_two(*args, progress, **kw):  # a real signal to this process, after the second image
-        return real(*args, progress=lambda done, n: (progress(done, n), done == 2 and os.kill(os.getpid(), signal.SIGTERM)),
-                    **kw)
+    def sigterm_after_two(*args, progress, **kw):
+        def progress_then_sigterm(done, n):  # a real signal to this process, once the second image is drawn
+            progress(done, n)
+            if done == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, progress=progress_then_sigterm, **kw)
     monkeypatch.setattr(sample, "sample_images", sigterm_after_two)
     with pytest.raises(SystemExit) as exc:
         _sample_run(sample_ckpt, tmp_path / "out", "--n", "5", "--batch-size", "1")
@@ -1552,14 +1556,15 @@ def test_train_kill_while_writing_checkpoint_keeps_the_previous_one(tmp_path):
 
 def test_train_sigterm_saves_the_step_it_stops_at_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
     """SIGTERM (a scheduler, `timeout`, `kill`) after the first logged step: the run finishes its step, saves and logs it
-    (no --save-every step is near), says so in one line and exits with 128 + 15."""
+    (with --save-every 0 the only other checkpoint would be the last step's), says so in one line and exits 128 + 15."""
     data, out, args = _train_class_folder(tmp_path / "imgs"), tmp_path / "run", ["--save-every", "0", "--sample-every", "0"]
     cmd = [sys.executable, "train.py", "--data", str(data), "--out", str(out), "--batch-size", "4", "--iters", "1000",
            *_TRAIN_TINY, *args]
     status, output = _signal_after(cmd, signal.SIGTERM, "step 1/1000 ")
     step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     assert status == 143 and "Traceback" not in output, output
-    assert output.strip().splitlines()[-1] == f"stopped by SIGTERM at step {step}: checkpoint saved, run the same command to resume"
+    assert output.strip().splitlines()[-1] == (f"stopped by SIGTERM at step {step}: checkpoint saved, run the same command "
+                                               "to resume")
     assert 1 <= step < 1000 and json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == step
     assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
     resumed = _train_tiny_run(tmp_path, out, "--iters", str(step + 2), *args)

@@ -261,7 +261,8 @@ class Figures:
         self.window.append(values)
 
     def kept(self):
-        return f"{self.ckpt_path} (step {self.saved_step}) is kept" if self.saved_step is not None else "no checkpoint was written"
+        return (f"{self.ckpt_path} (step {self.saved_step}) is kept" if self.saved_step is not None
+                else "no checkpoint was written")
 
     def log(self, done, iters, lr, batch_size, elapsed, device, out):
         """One progress line on stderr and a record in out/log.jsonl (rank 0), averaged since the last; returns steps/s."""
