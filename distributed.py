@@ -44,6 +44,15 @@ def mean_over_ranks(tensor):
     return tensor / world if world > 1 else tensor
 
 
+def max_over_ranks(value, device):
+    """The largest of every rank's integer value (a signal number, 0 for none); value itself in a plain run."""
+    if rank_and_world()[1] == 1:
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def gather_on_main(obj):
     """Every rank's obj in rank order on rank 0, None on the others; [obj] in a plain run. Every rank must call it."""
     rank, world = rank_and_world()

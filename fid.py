@@ -22,7 +22,7 @@ from scipy.special import logsumexp
 from data import load_cifar10, load_image_folder, load_npz_images, open_npz
 from inception import FIDError, load_inception
 from flags import existing_file, number, output_dir, output_file, parser
-from runtime import pick_device, speed_line, warn, write_atomic
+from runtime import CleanStop, pick_device, warn, write_atomic
 
 CIFAR10 = ("cifar10-train", "cifar10-test")
 # Inception's memory layout, by device type: measured by `python bench.py --what cpu-table` (README, "Measuring speed")
@@ -227,14 +227,13 @@ def main(argv=None):
     try:
         for source in inputs:
             check_input(source)
-        run(args, inputs, device)
+        with CleanStop("before the result: no file half-written"):  # a signal or a failed write ends it with one line
+            run(args, inputs, device)
     except FIDError as e:
         p.error(str(e))
 
 
 def run(args, inputs, device):
-    print(speed_line(device, "none", INCEPTION_CHANNELS_LAST[device.type], "FID's Inception is always fp32, to equal "
-                     "pytorch-fid"), file=sys.stderr)
     kw = dict(batch_size=args.batch_size, device=device, data_dir=args.data_dir, weights=args.weights)
     stats = []
     for i, source in enumerate(inputs):

@@ -1,9 +1,10 @@
-"""Run-time plumbing that every command shares: the device, mixed precision, one-line errors, atomic writes of files
-and of PNG grids."""
+"""Run-time plumbing that every command shares: the device, mixed precision, one-line errors, clean stops on SIGTERM
+and SIGINT, atomic writes of files and of PNG grids."""
 import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import time
 
@@ -97,8 +98,61 @@ def one_line(e):
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT, raised by CleanStop's handler wherever the main thread is."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class WriteError(Exception):
+    """A file that could not be written (disk full, quota, permissions, size limit); the message names it."""
+
+
+class CleanStop:
+    """`with CleanStop(finished) as stop:` around a command's work. SIGTERM (kill, timeout, SLURM, Kubernetes) and
+    SIGINT (Ctrl-C) end it with one line, `stopped by SIGTERM <stop.finished>` (none if quiet: torchrun's other ranks),
+    and exit status 128 + the signal number, as a shell reports a job that a signal ended; a WriteError ends it with
+    `error: <its message>` and status 1. The signal raises Stopped where the work is; write_atomic keeps the old file.
+
+    stop.defer = True (training) turns a signal into stop.signum instead, for the loop to stop where it chooses; repeated
+    signals are then ignored (a terminal and a scheduler may both send one) until defer is False again, as it is during
+    the final save, which a second signal then abandons."""
+
+    def __init__(self, finished, quiet=False):
+        self.finished, self.quiet, self.defer, self.signum = finished, quiet, False, None
+
+    def __enter__(self):  # a signal that the parent ignores stays ignored (Ctrl-C and a script's background job)
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)
+                    if signal.getsignal(s) is not signal.SIG_IGN}
+        return self
+
+    def handle(self, signum, frame):
+        if not self.defer:
+            raise Stopped(signum)
+        self.signum = self.signum or signum
+
+    def __exit__(self, kind, e, traceback):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        if isinstance(e, Stopped):
+            if not self.quiet:
+                print(f"stopped by {e} {self.finished}", file=sys.stderr)
+            raise SystemExit(128 + e.signum) from None
+        if isinstance(e, WriteError):
+            raise SystemExit(f"error: {e}") from None
+
+
+def _write_error(path, e):
+    """The WriteError of an OSError, or of the RuntimeError that torch.save raises while handling one; else None."""
+    e = e.__context__ if isinstance(e, RuntimeError) else e
+    return WriteError(f"cannot write {path}: {e.strerror or e}") if isinstance(e, OSError) else None
+
+
 def write_atomic(path, write):
-    """Write a file through write(f) to a temporary name, then rename it: a crash leaves the old file or the new one."""
+    """Write a file through write(f) to a temporary name, then rename it: a crash leaves the old file or the new one,
+    and syncing the folder makes the rename itself survive a power cut. A failed write raises WriteError."""
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -106,10 +160,28 @@ def write_atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # Ctrl-C included: leave no half-written temporary behind
+    except BaseException as e:  # Ctrl-C and SIGTERM included: leave no half-written temporary behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if (error := _write_error(path, e)) is not None:
+            raise error from e
         raise
+    if os.name == "posix":  # the rename is on disk once the folder is; some network file systems cannot sync one
+        with contextlib.suppress(OSError):
+            folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+
+
+def append_line(path, text):
+    """Append one line to path (a log), or raise WriteError naming it."""
+    try:
+        with open(path, "a") as f:
+            f.write(text + "\n")
+    except OSError as e:
+        raise _write_error(path, e) from e
 
 
 def class_grid(images, rows, max_cols=100):

@@ -13,7 +13,8 @@ from diffusion import Schedule, ancestral_sample, ddim_sample
 from distributed import gather_on_main, init_distributed, rank_and_world, share
 from flags import AMP, existing_file, interval, number, output_dir, parser
 from model import UNet
-from runtime import autocast, class_grid, fast_path, one_line, pick_device, progress, save_grid, speed_line, write_atomic
+from runtime import CleanStop, autocast, class_grid, fast_path, one_line, pick_device, progress, save_grid, speed_line, \
+    write_atomic
 
 
 class CheckpointError(ValueError):
@@ -166,6 +167,11 @@ def main(argv=None):
     p.add_argument("--amp", **AMP)
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA weights")
     args = p.parse_args(argv)
+    with CleanStop("before any image was drawn: nothing written", quiet=rank_and_world()[0] > 0) as stop:
+        run(p, args, stop)  # a signal or a failed write ends it with one line
+
+
+def run(p, args, stop):
     device, rank = init_distributed(args.device), rank_and_world()[0]  # a plain run: (args.device, 0)
     try:
         model, config = load_checkpoint(args.ckpt, device, ema=not args.no_ema)
@@ -184,12 +190,17 @@ def main(argv=None):
     say = print if rank == 0 else lambda *_: None
     say(speed_line(device, *fast_path(device, args.amp)))
     say(f"{args.ckpt}: {config['loss']} loss, {args.n} images at w = {w:g}, {args.steps} {args.sampler} steps on {device}")
+    report = progress() if rank == 0 else lambda done, n: None
+
+    def on_batch(done, n):
+        stop.finished = f"after {done} of {n} images: nothing written (the images are written once all are drawn)"
+        report(done, n)
     images = sample_checkpoint(model, config, labels, w=w, steps=args.steps, eta=args.eta, clip_x0=not args.no_clip,
                                seed=args.seed, batch_size=args.batch_size, device=device, amp=args.amp,
-                               sampler=args.sampler, v=args.v, guidance_interval=args.guidance_interval,
-                               progress=progress() if rank == 0 else None)
+                               sampler=args.sampler, v=args.v, guidance_interval=args.guidance_interval, progress=on_batch)
     if images is None:  # under torchrun rank 0 alone writes
         return
+    stop.finished = f"after all {args.n} images, while writing them: no file in {args.out} is half-written"
     os.makedirs(args.out, exist_ok=True)
     tiles, nrow = class_grid(images, len(classes))
     save_grid(tiles, os.path.join(args.out, "grid.png"), nrow)

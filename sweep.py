@@ -19,7 +19,7 @@ import fid
 from distributed import init_distributed, rank_and_world
 from flags import AMP, existing_file, interval, number, numbers, output_dir, parser
 from inception import FIDError, load_inception
-from runtime import class_grid, fast_path, pick_device, progress, save_grid, speed_line, write_atomic
+from runtime import CleanStop, class_grid, fast_path, pick_device, progress, save_grid, speed_line, write_atomic
 from sample import CheckpointError, balanced_labels, effective_to_sampling_w, effective_w, load_checkpoint, sample_checkpoint
 
 HEADER = ["checkpoint", "loss", "w_train", "p_uncond", "w", "w_eff", "steps", "eta", "n", "ref", "fid", "seconds",
@@ -109,9 +109,10 @@ def plot(rows, column, path):
 
 def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train", out="sweep", eta=0.0, seed=0,
               clip_x0=True, batch_size=None, device="cpu", amp="auto", fid_batch_size=50, data_dir="data", weights=None,
-              sampler="ddim", v=0.3, guidance_interval=None):
+              sampler="ddim", v=0.3, guidance_interval=None, on_cell=None):
     """Sample and score every checkpoint x steps x w cell not yet in out/results.csv; return all rows. Under torchrun
-    each rank draws its block of every cell's images and rank 0 alone scores them and writes."""
+    each rank draws its block of every cell's images and rank 0 alone scores them and writes; there on_cell(done,
+    total) runs once each cell is in results.csv."""
     if w_effs is None:
         ws = ws or [0.0]
     method = sampler_text(sampler, v, guidance_interval)
@@ -166,10 +167,12 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
                      "p_uncond": repr(config["p_uncond"]), "w": repr(float(w)), "w_eff": repr(float(effective_w(config, w))),
                      "steps": steps, "eta": repr(float(eta)), "n": n, "ref": ref, "fid": repr(score), "seconds": repr(seconds),
                      **method})
-        write_results(csv_path, rows)
-        write_atomic(os.path.join(out, "results.md"), lambda f: f.write(markdown(mine(), column).encode()))
         tiles, nrow = class_grid(images, rows=min(n, config["unet"]["num_classes"]), max_cols=8)
         save_grid(tiles, os.path.join(out, "grids", f"{run_name(path)}_steps{steps}_w{w:g}{suffix}.png"), nrow)
+        write_results(csv_path, rows)  # after the grid: a cell in results.csv, which a rerun skips, has its grid
+        if on_cell is not None:
+            on_cell(i + 1, len(todo))
+        write_atomic(os.path.join(out, "results.md"), lambda f: f.write(markdown(mine(), column).encode()))
         spent += cost(todo[i])
         eta_s = (time.time() - start) / spent * (total - spent)
         print(f"[cell {i + 1}/{len(todo)}] {run_name(path)} steps={steps} w={w:g}: FID {score:.4f} (n={n}) "
@@ -208,12 +211,18 @@ def main(argv=None):
     p.add_argument("--data-dir", type=output_dir, default="data", help="where CIFAR-10 and its cached statistics live")
     args = p.parse_args(argv)
     device = init_distributed(args.device)  # a plain run: args.device
+    csv_path = os.path.join(args.out, "results.csv")
+    stop = CleanStop(f"before a cell was finished: {csv_path} is as it was", quiet=rank_and_world()[0] > 0)
+
+    def on_cell(done, total):  # a stopped sweep keeps its finished cells, and a rerun skips them
+        stop.finished = f"after {done} of {total} cells, kept in {csv_path}: run the same command for the rest"
     try:
-        run_sweep(args.ckpt, args.steps, args.n, ws=args.w if args.w_eff is None else None, w_effs=args.w_eff,
-                  ref=args.ref, out=args.out, eta=args.eta, seed=args.seed, clip_x0=not args.no_clip,
-                  batch_size=args.batch_size, device=device, amp=args.amp, fid_batch_size=args.fid_batch_size,
-                  data_dir=args.data_dir, weights=args.weights, sampler=args.sampler, v=args.v,
-                  guidance_interval=args.guidance_interval)
+        with stop:  # a signal or a failed write ends it with one line
+            run_sweep(args.ckpt, args.steps, args.n, ws=args.w if args.w_eff is None else None, w_effs=args.w_eff,
+                      ref=args.ref, out=args.out, eta=args.eta, seed=args.seed, clip_x0=not args.no_clip,
+                      batch_size=args.batch_size, device=device, amp=args.amp, fid_batch_size=args.fid_batch_size,
+                      data_dir=args.data_dir, weights=args.weights, sampler=args.sampler, v=args.v,
+                      guidance_interval=args.guidance_interval, on_cell=on_cell)
     except FIDError as e:
         p.error(str(e))
 

@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -684,6 +685,11 @@ FLAG_TABLE = [
     ("bench", ["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
     ("bench", ["--iters", "0"], "argument --iters: expected an integer >= 1, got '0'"),
     ("bench", ["--sample-steps", "0"], "argument --sample-steps: expected an integer >= 1, got '0'"),
+    ("bench", ["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
+    ("bench", ["--channels-last", "yes"], "argument --channels-last: invalid choice: 'yes'"),
+    ("bench", ["--networks", "small,huge"], "argument --networks: expected a comma list of default, small, inception, got 'huge'"),
+    ("bench", ["--configs", "fp8-cl"], "argument --configs: expected a comma list of fp32-nchw, fp32-cl, bf16-nchw, bf16-cl, "
+     "got 'fp8-cl'"),
     # toy.py
     ("toy", ["--out", "{file}"], "argument --out: {file} is a file, expected a directory"),
     ("toy", ["--out", "{file}/toy"], "argument --out: {file}/toy: {file} is a file, so the directory cannot be created"),
@@ -1001,8 +1007,7 @@ def test_fid_cifar10_input_uses_the_data_loader_and_caches(tmp_path, monkeypatch
         return _fid_images(3, seed=6), np.zeros(3, dtype=np.int64), [f"c{i}" for i in range(10)]
 
     monkeypatch.setattr(fid, "load_cifar10", load_cifar10)
-    with pytest.warns(UserWarning):
-        mu, sigma, n = fid.input_statistics("cifar10-test", data_dir=str(tmp_path), progress=False)
+    mu, sigma, n = fid.input_statistics("cifar10-test", data_dir=str(tmp_path), progress=False)  # warns: 3 images
     assert calls == [("test", str(tmp_path))] and n == 3
     assert (tmp_path / "fid_stats_cifar10-test.npz").is_file()
     mu2, sigma2, n2 = fid.input_statistics("cifar10-test", data_dir=str(tmp_path))
@@ -1029,9 +1034,8 @@ def test_fid_pth_weights_with_classifier_give_inception_score(tmp_path, capsys, 
     outputs, features = [], fid.inception_features
     monkeypatch.setattr(fid, "inception_features", lambda *a, **k: outputs.append(features(*a, **k)) or outputs[-1])
     np.savez(tmp_path / "adm.npz", arr_0=_fid_images(20, seed=7))  # 2 images per split
-    with pytest.warns(UserWarning):
-        fid.main([str(tmp_path / "adm.npz"), "--is", "--weights", str(tmp_path / "pt_inception.pth"),
-                  "--save-stats", str(tmp_path / "stats.npz")])
+    fid.main([str(tmp_path / "adm.npz"), "--is", "--weights", str(tmp_path / "pt_inception.pth"),
+              "--save-stats", str(tmp_path / "stats.npz")])
     [(feats, logits)] = outputs
     np.testing.assert_allclose(logits, feats @ state["fc.weight"].double().numpy().T, rtol=1e-4, atol=1e-3)
     mean, std = fid.inception_score(logits)
@@ -1102,8 +1106,6 @@ def test_fid_cli_in_a_subprocess(tmp_path):
     script = str(Path(fid.__file__).resolve())
     run = subprocess.run([sys.executable, script, "a.npz", "b.npz"], cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert re.fullmatch(r"cpu, amp none, (NCHW|channels_last) \(FID's Inception is always fp32, to equal pytorch-fid\)",
-                        run.stderr.splitlines()[0])
     lines = run.stdout.strip().splitlines()
     assert lines[:2] == ["a.npz: 50 images", "b.npz: 60 images"]
     (mu1, s1, _), (mu2, s2, _) = fid.load_statistics(tmp_path / "a.npz"), fid.load_statistics(tmp_path / "b.npz")
@@ -1255,6 +1257,79 @@ def test_write_atomic_keeps_the_old_file_when_interrupted(tmp_path):
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["samples.npz"]
 
 
+@contextlib.contextmanager
+def _file_size_limit(size):
+    """Writes past `size` bytes fail as on a full disk, with EFBIG (Python ignores SIGXFSZ): no root, no mounts."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_write_atomic_names_the_file_it_cannot_write_and_keeps_the_old_one(tmp_path):
+    """In each writer the commands use: torch.save (which reports the OSError as a RuntimeError), numpy and PIL."""
+    noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3), np.uint8)
+    writers = {"ckpt.pt": lambda f: torch.save(torch.zeros(100_000), f),
+               "samples.npz": lambda f: np.savez(f, arr_0=np.zeros(100_000)),
+               "grid.png": lambda f: Image.fromarray(noise).save(f, "PNG")}
+    for name in writers:
+        (tmp_path / name).write_bytes(b"old")
+    errors = []
+    with _file_size_limit(50_000):
+        for name, write in writers.items():
+            with pytest.raises(runtime.WriteError) as e:
+                runtime.write_atomic(str(tmp_path / name), write)
+            errors.append(str(e.value))
+    assert errors == [f"cannot write {tmp_path / name}: File too large" for name in writers]
+    assert sorted(os.listdir(tmp_path)) == sorted(writers) and all((tmp_path / n).read_bytes() == b"old" for n in writers)
+
+
+def test_clean_stop_turns_a_signal_into_one_line_and_128_plus_its_number(capsys):
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+    with pytest.raises(SystemExit) as exc, runtime.CleanStop("after 3 of 7 images: nothing written"):
+        os.kill(os.getpid(), signal.SIGINT)
+    assert exc.value.code == 130 and capsys.readouterr().err == "stopped by SIGINT after 3 of 7 images: nothing written\n"
+    with pytest.raises(SystemExit) as exc, runtime.CleanStop("unused") as stop:
+        stop.defer = True  # training's loop: the first signal is noted, a repeated one ignored
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGTERM
+        stop.defer = False  # the final save: a signal now abandons it
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert exc.value.code == 143 and [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == handlers
+    with pytest.raises(SystemExit) as exc, runtime.CleanStop("unused"):
+        raise runtime.WriteError("cannot write x.npz: No space left on device")
+    assert exc.value.code == "error: cannot write x.npz: No space left on device"
+
+
+def test_sample_sigterm_while_drawing_writes_nothing_and_says_how_far_it_got(sample_ckpt, tmp_path, monkeypatch, capsys):
+    real = sample.sample_images
+
+    def sigterm_after_two(*args, progress, **kw):
+        def progress_then_sigterm(done, n):  # a real signal to this process, once the second image is drawn
+            progress(done, n)
+            if done == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, progress=progress_then_sigterm, **kw)
+    monkeypatch.setattr(sample, "sample_images", sigterm_after_two)
+    with pytest.raises(SystemExit) as exc:
+        _sample_run(sample_ckpt, tmp_path / "out", "--n", "5", "--batch-size", "1")
+    assert exc.value.code == 143 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err == ("stopped by SIGTERM after 2 of 5 images: nothing written (the images are written "
+                                       "once all are drawn)\n")
+
+
+def test_sample_disk_full_names_the_file_and_keeps_the_previous_files(sample_ckpt, tmp_path):
+    _sample_run(sample_ckpt, tmp_path, "--n", "25", "--seed", "1")
+    before = {name: (tmp_path / name).read_bytes() for name in ("grid.png", "samples.npz")}
+    with pytest.raises(SystemExit) as exc, _file_size_limit(len(before["grid.png"]) // 2):
+        _sample_run(sample_ckpt, tmp_path, "--n", "25")  # other images, written to the same files
+    assert exc.value.code == f"error: cannot write {tmp_path / 'grid.png'}: File too large"
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
 @pytest.mark.parametrize("args, message", [
     (["--ckpt", "MISSING"], "nope.pt: no such file"),
     (["--ckpt", "DIR"], "is a directory, expected a file"),
@@ -1377,6 +1452,31 @@ def _train_tiny_run(tmp_path, out, *extra):
     return torch.load(out / "ckpt.pt", weights_only=True)
 
 
+def _train_same_state(one, two):
+    """Two checkpoints hold bitwise equal weights, EMA, optimizer state and RNG state."""
+    for key in ("model", "ema"):
+        for name, value in one[key].items():
+            assert torch.equal(value, two[key][name]), (key, name)
+    assert len(one["opt"]["state"]) == len(two["opt"]["state"]) > 0
+    for a, b in zip(one["opt"]["state"].values(), two["opt"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(one["rng"]["cpu"], two["rng"]["cpu"])
+
+
+def _signal_after(cmd, signum, ready, cwd=Path(__file__).parent):
+    """Run cmd, send it signum once a line of its output (stdout and stderr) starts with `ready`; (status, output)."""
+    child = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    for line in child.stdout:
+        lines.append(line)
+        if line.startswith(ready):
+            child.send_signal(signum)
+            break
+    lines.append(child.communicate(timeout=120)[0])
+    return child.returncode, "".join(lines)
+
+
 def _train_error(capsys, argv):
     """Run train.main(argv), expect exit status 2 and return stderr's last line."""
     with pytest.raises(SystemExit) as exc:
@@ -1484,13 +1584,7 @@ def test_train_resume_is_exact(tmp_path):
     two = _train_tiny_run(tmp_path, tmp_path / "two", "--iters", "4", *args)  # same --out: resumes from step 2
     assert (half["step"], one["step"], two["step"]) == (2, 4, 4)
     assert not torch.equal(half["model"]["conv_in.weight"], two["model"]["conv_in.weight"])
-    for key in ("model", "ema"):
-        for name, value in one[key].items():
-            assert torch.equal(value, two[key][name]), (key, name)
-    assert len(one["opt"]["state"]) == len(two["opt"]["state"]) > 0
-    for a, b in zip(one["opt"]["state"].values(), two["opt"]["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(one["rng"]["cpu"], two["rng"]["cpu"])
+    _train_same_state(one, two)
     steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 
@@ -1513,6 +1607,82 @@ def test_train_kill_while_writing_checkpoint_keeps_the_previous_one(tmp_path):
     assert (out / "ckpt.pt.tmp").stat().st_size > 0  # the kill did land mid-write
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
     assert _train_tiny_run(tmp_path, out, "--iters", "3")["step"] == 3  # and the run resumes from it
+
+
+def test_train_sigterm_saves_the_step_it_stops_at_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    """SIGTERM (a scheduler, `timeout`, `kill`) after the first logged step: the run finishes its step, saves and logs it
+    (with --save-every 0 the only other checkpoint would be the last step's), says so in one line and exits 128 + 15."""
+    data, out, args = _train_class_folder(tmp_path / "imgs"), tmp_path / "run", ["--save-every", "0", "--sample-every", "0"]
+    cmd = [sys.executable, "train.py", "--data", str(data), "--out", str(out), "--batch-size", "4", "--iters", "1000",
+           *_TRAIN_TINY, *args]
+    status, output = _signal_after(cmd, signal.SIGTERM, "step 1/1000 ")
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert status == 143 and "Traceback" not in output, output
+    assert output.strip().splitlines()[-1] == (f"stopped by SIGTERM at step {step}: checkpoint saved, run the same command "
+                                               "to resume")
+    assert 1 <= step < 1000 and json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == step
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
+    resumed = _train_tiny_run(tmp_path, out, "--iters", str(step + 2), *args)
+    _train_same_state(resumed, _train_tiny_run(tmp_path, tmp_path / "whole", "--iters", str(step + 2), *args))
+
+
+def _train_signal_in_step(monkeypatch, signum, step):
+    """Send this process signum (a real signal, to train.py's real handler) in the middle of optimizer step `step`."""
+    calls, real_loss = [], train.standard_loss
+
+    def signal_in_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(train, "standard_loss", signal_in_step)
+
+
+def test_train_sigint_in_step_3_saves_step_3_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    """Ctrl-C: as SIGTERM, with exit status 128 + 2."""
+    _train_signal_in_step(monkeypatch, signal.SIGINT, 3)
+    with pytest.raises(SystemExit) as exc:
+        _train_tiny_run(tmp_path, tmp_path / "run", "--iters", "1000", "--save-every", "2")
+    assert exc.value.code == 130 and "Traceback" not in (err := capsys.readouterr().err)
+    assert err.strip().splitlines()[-1] == "stopped by SIGINT at step 3: checkpoint saved, run the same command to resume"
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 3
+    monkeypatch.undo()
+    resumed = _train_tiny_run(tmp_path, tmp_path / "run", "--iters", "5", "--save-every", "2")
+    _train_same_state(resumed, _train_tiny_run(tmp_path, tmp_path / "whole", "--iters", "5", "--save-every", "2"))
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_train_second_signal_during_the_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _train_tiny_run(tmp_path, out, "--iters", "2")
+    real_save = torch.save
+
+    def signalled_halfway(obj, f):  # the second SIGTERM comes halfway through writing the checkpoint the first asked for
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        f.write(buf.getvalue()[:buf.tell() // 2])
+        os.kill(os.getpid(), signal.SIGTERM)
+        f.write(buf.getvalue()[buf.tell() // 2:])  # not reached: the signal abandons the save
+    monkeypatch.setattr(torch, "save", signalled_halfway)
+    _train_signal_in_step(monkeypatch, signal.SIGTERM, 2)  # in step 4, the second of this run
+    with pytest.raises(SystemExit) as exc:
+        _train_tiny_run(tmp_path, out, "--iters", "1000")
+    err = capsys.readouterr().err
+    assert exc.value.code == 143 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"stopped by SIGTERM while saving step 4: {out / 'ckpt.pt'} (step 2) is kept"
+    monkeypatch.undo()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2 and not (out / "ckpt.pt.tmp").exists()
+
+
+def test_train_disk_full_stops_with_one_line_and_keeps_the_previous_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    _train_tiny_run(tmp_path, out, "--iters", "1", "--sample-every", "0")
+    with pytest.raises(SystemExit) as exc, _file_size_limit((out / "ckpt.pt").stat().st_size // 2):
+        _train_tiny_run(tmp_path, out, "--iters", "3", "--save-every", "1", "--sample-every", "0")
+    assert exc.value.code == f"error: cannot write {out / 'ckpt.pt'}: File too large"  # printed as is, exit status 1
+    assert "Traceback" not in capsys.readouterr().err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1 and not (out / "ckpt.pt.tmp").exists()
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]  # no step 3
 
 
 def test_train_resume_refuses_other_settings_and_unreadable_checkpoints(tmp_path, capsys):
@@ -1701,6 +1871,32 @@ def test_sweep_writes_results_and_resumes_only_missing_cells(tmp_path):
     assert float(rows2[3]["fid"]) == pytest.approx(float(rows[0]["fid"]), rel=1e-6)
     again = np.asarray(Image.open(out / "grids" / "standard_steps2_w0.png"))
     assert np.array_equal(again[:16], first[:16])  # the first image of the w = 0 cell is the same
+
+
+def test_sweep_stopped_mid_cell_keeps_the_finished_cells_and_its_rerun_computes_only_the_others(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    ckpts, ref = _sweep_setup(tmp_path)
+    out, real_sample = tmp_path / "sweep", sweep.sample_checkpoint
+    args = ["--ckpt", ckpts[0], "--w", "0,2", "--steps", "2", "--n", "2", "--ref", ref, "--out", str(out)]
+
+    def sigterm_after_a_cell(*a, **kw):  # a real signal to this process, as a cell after the first starts sampling
+        if (out / "results.csv").exists():
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_sample(*a, **kw)
+    monkeypatch.setattr(sweep, "sample_checkpoint", sigterm_after_a_cell)
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(args)
+    err, rows = capsys.readouterr().err, sweep.read_results(out / "results.csv")
+    assert exc.value.code == 143 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"stopped by SIGTERM after 1 of 2 cells, kept in {out / 'results.csv'}: run the "
+                                            "same command for the rest")
+    assert len(rows) == 1 and os.listdir(out / "grids") == ["standard_steps2_w0.png"] and not list(out.rglob("*.tmp"))
+    with pytest.raises(SystemExit) as exc:  # the rerun has the other cell alone to compute; stopped again in it
+        sweep.main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 143 and "sweep: 1 cells to compute, 1 already in" in err
+    assert err.strip().splitlines()[-1] == f"stopped by SIGTERM before a cell was finished: {out / 'results.csv'} is as it was"
+    assert sweep.read_results(out / "results.csv") == rows
 
 
 def test_sweep_bad_checkpoint_through_the_command_line(tmp_path):
@@ -1976,6 +2172,24 @@ def test_torchrun_two_ranks_train_in_step_write_once_and_resume_on_any_count(tmp
     assert step5["step"] == 5 and step5.keys() == step2.keys()  # a one-process checkpoint has no rng_ranks
     assert not torch.equal(step5["model"]["conv_in.weight"], ckpt["model"]["conv_in.weight"])
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_torchrun_sigterm_stops_both_ranks_at_one_step_and_rank_0_saves_it(tmp_path):
+    """torchrun forwards SIGTERM to each process, which may get it at different steps: they agree on one at a log step,
+    save it together (rank 0 checks that both hold the same weights, then writes) and stop. torchrun itself then exits
+    non-zero with its own report of the signal."""
+    data, out = _train_class_folder(tmp_path / "imgs"), tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--", "train.py",
+           "--data", str(data), "--out", str(out), "--batch-size", "4", "--iters", "1000", "--save-every", "0",
+           "--sample-every", "0", *_TRAIN_TINY]
+    status, output = _signal_after(cmd, signal.SIGTERM, "step 1/1000 ")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    step = ckpt["step"]
+    assert status != 0 and output.count("stopped by SIGTERM") == 1 and output.count("hold bitwise equal") == 1, output
+    assert f"stopped by SIGTERM at step {step}: checkpoint saved, run the same command to resume" in output
+    assert f"step {step}: the 2 ranks hold bitwise equal weights and EMA; wrote {out / 'ckpt.pt'}" in output
+    assert len(ckpt["rng_ranks"]) == 2 and sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == list(range(1, step + 1))
 
 
 def test_torchrun_sample_gives_the_one_process_npz(sample_ckpt, tmp_path):

@@ -20,11 +20,12 @@ import torch
 
 from data import load_cifar10, load_image_folder
 from diffusion import Schedule
-from distributed import gather_on_main, init_distributed, main_first, mean_over_ranks, rank_and_world, share
+from distributed import gather_on_main, init_distributed, main_first, max_over_ranks, mean_over_ranks, rank_and_world, share
 from flags import AMP, folder_or, number, numbers, output_dir, parser, unit_range
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
-from runtime import autocast, fast_path, one_line, pick_device, save_grid, speed_line, warn, write_atomic
+from runtime import CleanStop, Stopped, append_line, autocast, fast_path, one_line, pick_device, save_grid, speed_line, warn, \
+    write_atomic
 from sample import sample_images
 
 SAMPLES_PER_CLASS = 8  # columns per guidance scale in the sample grids
@@ -257,10 +258,12 @@ class Figures:
         bad = (~torch.isfinite(values[:, 0])).nonzero()
         if len(bad):
             first = step - len(values) + 1 + int(bad[0])
-            kept = (f"{self.ckpt_path} (step {self.saved_step}) is kept" if self.saved_step is not None
-                    else "no checkpoint was written")
-            sys.exit(f"error: the loss is {values[int(bad[0]), 0].item()} at step {first}; training stopped, {kept}")
+            sys.exit(f"error: the loss is {values[int(bad[0]), 0].item()} at step {first}; training stopped, {self.kept()}")
         self.window.append(values)
+
+    def kept(self):
+        return (f"{self.ckpt_path} (step {self.saved_step}) is kept" if self.saved_step is not None
+                else "no checkpoint was written")
 
     def log(self, done, iters, lr, batch_size, elapsed, device, out):
         """One progress line on stderr and a record in out/log.jsonl (rank 0), averaged since the last; returns steps/s."""
@@ -276,8 +279,7 @@ class Figures:
         print(f"step {done}/{iters} | loss {values[0]:.4f} | grad {values[1]:.3f} | lr {lr:.2e} | "
               f"{record['img_per_s']:.0f} img/s | eta {record['eta_s'] / 60:.1f} min | "
               f"mem {f'{mem:.2f} GiB' if mem is not None else 'n/a'}", file=sys.stderr)
-        with open(os.path.join(out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(os.path.join(out, "log.jsonl"), json.dumps(record))
         return rate
 
 # ---- saving ----
@@ -319,6 +321,11 @@ def main(argv=None):
     p = get_parser()
     args = p.parse_args(argv)
     check_args(p, args)
+    with CleanStop("before the first step: nothing written", quiet=rank_and_world()[0] > 0) as stop:
+        run(p, args, stop)  # a signal or a failed write ends it with one line
+
+
+def run(p, args, stop):
     device, (rank, world) = init_distributed(args.device), rank_and_world()  # a plain run: (args.device, (0, 1))
     amp, channels_last, why = fast_path(device, args.amp, not args.no_channels_last)
     out = args.out
@@ -360,14 +367,17 @@ def main(argv=None):
     del images, labels
 
     model.train()
-    t_log, next_log = time.time(), 0
+    t_log, next_log, stop.defer = time.time(), 0, True  # a signal now ends the loop after its step, with a checkpoint
     for step in range(start, args.iters):  # `step` optimizer steps are done; this iteration makes step + 1
         x, y = get_batch(step)
         lr, figure = train_step(args, net, ema, schedule, null_class, x, y, opt, scaler, params, ema_params, step,
                                 mixed_precision)
         figures.pending.append(figure)
         done = step + 1
-        if done in (start + 1, args.iters) or (done >= next_log if world > 1 else time.time() - t_log >= args.log_every):
+        log_due = done in (start + 1, args.iters) or (done >= next_log if world > 1 else time.time() - t_log >= args.log_every)
+        # torchrun: a signal reaches the ranks at different steps; they agree at a log step, which syncs them anyway
+        stopping = max_over_ranks(stop.signum or 0, device) if log_due or world == 1 else 0
+        if log_due or stopping:
             rate = figures.log(done, args.iters, lr, args.batch_size, time.time() - t_log, device, out)
             next_log, t_log = done + max(1, int(args.log_every * rate)), time.time()  # torchrun: a step all ranks agree on
         t_pause = time.time()
@@ -377,10 +387,14 @@ def main(argv=None):
                 path = sample_grid(ema, schedule, args, null_class, device, amp, channels_last,
                                    os.path.join(out, f"samples_{done:07d}.png"))
                 print(f"step {done}: wrote {path}", file=sys.stderr)
-        if (args.save_every and done % args.save_every == 0) or done == args.iters:
+        if (args.save_every and done % args.save_every == 0) or done == args.iters or stopping:
             figures.check(done)
-            save_checkpoint(ckpt_path, model, ema, opt, scaler, done, config, device)
-            figures.saved_step = done
+            stop.finished, stop.defer = f"while saving step {done}: {figures.kept()}", rank > 0 or not stopping
+            save_checkpoint(ckpt_path, model, ema, opt, scaler, done, config, device)  # a second signal abandons it
+            figures.saved_step, stop.defer = done, True
+        if stopping:
+            stop.finished = f"at step {done}: checkpoint saved, run the same command to resume"
+            raise Stopped(stopping)
         t_log += time.time() - t_pause
     if start >= args.iters and rank == 0:
         print(f"{out} is at step {start} and --iters is {args.iters}: nothing to do", file=sys.stderr)
