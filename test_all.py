@@ -941,7 +941,7 @@ def test_fid_folder_npz_and_stats_inputs_agree(tmp_path, capsys):
     assert np.array_equal(fid.load_images(tmp_path / "folder"), imgs[[0, 2, 1]])
     with pytest.warns(UserWarning, match="rank-deficient"):
         fid.main([str(tmp_path / "folder"), "--save-stats", str(tmp_path / "s" / "stats.npz")])
-        mu_n, sigma_n, n_n = fid.input_statistics(tmp_path / "adm.npz", progress=False)
+        mu_n, sigma_n, n_n, _ = fid.input_statistics(tmp_path / "adm.npz", progress=False)
     assert "FID" not in capsys.readouterr().out
     assert os.listdir(tmp_path / "s") == ["stats.npz"]  # no temporary file left behind
     with np.load(tmp_path / "s" / "stats.npz") as f:  # what pytorch-fid reads
@@ -949,7 +949,7 @@ def test_fid_folder_npz_and_stats_inputs_agree(tmp_path, capsys):
     assert mu_f.shape == (2048,) and sigma_f.shape == (2048, 2048) and np.abs(sigma_f).max() > 0
     np.testing.assert_allclose(mu_f, mu_n, rtol=0, atol=1e-12)
     np.testing.assert_allclose(sigma_f, sigma_n, rtol=0, atol=1e-12)
-    mu_s, sigma_s, n_s = fid.input_statistics(tmp_path / "s" / "stats.npz")
+    mu_s, sigma_s, n_s, _ = fid.input_statistics(tmp_path / "s" / "stats.npz")
     assert n_s == n_n == 3 and np.array_equal(mu_s, mu_f) and np.array_equal(sigma_s, sigma_f)
 
 
@@ -963,10 +963,10 @@ def test_fid_cifar10_input_uses_the_data_loader_and_caches(tmp_path, monkeypatch
 
     monkeypatch.setattr(fid, "load_cifar10", load_cifar10)
     with pytest.warns(UserWarning):
-        mu, sigma, n = fid.input_statistics("cifar10-test", data_dir=str(tmp_path), progress=False)
+        mu, sigma, n, _ = fid.input_statistics("cifar10-test", data_dir=str(tmp_path), progress=False)
     assert calls == [("test", str(tmp_path))] and n == 3
     assert (tmp_path / "fid_stats_cifar10-test.npz").is_file()
-    mu2, sigma2, n2 = fid.input_statistics("cifar10-test", data_dir=str(tmp_path))
+    mu2, sigma2, n2, _ = fid.input_statistics("cifar10-test", data_dir=str(tmp_path))
     assert len(calls) == 1 and n2 == 3 and np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
 
     def offline(split, data_dir="data"):
@@ -1065,7 +1065,7 @@ def test_fid_cli_in_a_subprocess(tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     assert lines[:2] == ["a.npz: 50 images", "b.npz: 60 images"]
-    (mu1, s1, _), (mu2, s2, _) = fid.load_statistics(tmp_path / "a.npz"), fid.load_statistics(tmp_path / "b.npz")
+    (mu1, s1, _, _), (mu2, s2, _, _) = fid.load_statistics(tmp_path / "a.npz"), fid.load_statistics(tmp_path / "b.npz")
     assert lines[-1] == f"FID: {fid.frechet_distance(mu1, s1, mu2, s2):.4f}"
     run = subprocess.run([sys.executable, script], cwd=tmp_path, capture_output=True, text=True)  # the defaults
     assert run.returncode == 2 and run.stdout == ""
