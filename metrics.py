@@ -49,7 +49,8 @@ def squared_distances(a, b, chunk=CHUNK):
     b2 = (b * b).sum(1)
     for i in range(0, len(a), chunk):
         block = a[i:i + chunk]
-        yield slice(i, i + len(block)), torch.addmm(b2, block, b.T, alpha=-2).add_((block * block).sum(1, keepdim=True))
+        # |a|^2 + |b|^2 first, then one fused -2 a.b: the same pair gives the same bits whichever side it is on
+        yield slice(i, i + len(block)), ((block * block).sum(1, keepdim=True) + b2).addmm_(block, b.T, alpha=-2)
 
 
 def knn_radii(x, k, chunk=CHUNK):

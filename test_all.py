@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.spatial.distance
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -30,6 +31,7 @@ import data
 import distributed
 import fid
 import inception
+import metrics
 import runtime
 import sample
 import sweep
@@ -754,7 +756,7 @@ def test_readme_documents_training():
 
 # every non-test module, by floor: a module imports only modules on lower floors (so no circle)
 FLOORS = {"runtime": 0, "distributed": 0, "flags": 0, "model": 0, "diffusion": 0, "losses": 1, "data": 1, "inception": 1,
-          "sample": 2, "fid": 2, "train": 3, "sweep": 3, "bench": 3, "toy": 3}
+          "metrics": 1, "sample": 2, "fid": 2, "train": 3, "sweep": 3, "bench": 3, "toy": 3}
 
 
 def _project_imports(path):
@@ -793,6 +795,87 @@ def test_ci_runs_the_readme_test_command():
     here = Path(__file__).parent
     command = (here / ".ci/run").read_text().strip().splitlines()[-1]
     assert "pytest" in command and "    " + command + "\n" in (here / "README.md").read_text()
+
+
+# ---- metrics.py ----
+
+
+def _metrics_clusters(centres, per, seed=0, d=8):
+    """`per` points around each of `centres` unit-Gaussian clusters 40 apart: every k-NN ball stays in its cluster."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([40 * c + rng.normal(size=(per, d)) for c in np.eye(d)[:centres]])
+
+
+def _metrics_brute_force(x, y, k_pr=3, k_dc=5):
+    """The four k-NN metrics straight from their definitions, on the full float64 distance matrices."""
+    dxy, rx, ry = scipy.spatial.distance.cdist(x, y), np.sort(scipy.spatial.distance.cdist(x, x), 1), \
+        np.sort(scipy.spatial.distance.cdist(y, y), 1)  # column 0 of a sorted row: the point itself
+    return {"precision": (dxy <= ry[:, k_pr]).any(1).mean(), "recall": (dxy <= rx[:, k_pr, None]).any(0).mean(),
+            "density": (dxy < ry[:, k_dc]).sum() / (k_dc * len(x)), "coverage": (dxy.min(0) < ry[:, k_dc]).mean()}
+
+
+def _metrics_expected_kernel(a, b, d):
+    """E (x.y / d + 1)^3 for independent x ~ N(a 1, I_d), y ~ N(b 1, I_d): x.y sums d independent products x_i y_i
+    whose first three moments are a b, (a^2 + 1)(b^2 + 1) and (a^3 + 3a)(b^3 + 3b), so its cumulants are d times theirs."""
+    m1, m2, m3 = a * b, (a * a + 1) * (b * b + 1), (a ** 3 + 3 * a) * (b ** 3 + 3 * b)
+    k1, k2, k3 = d * m1, d * (m2 - m1 ** 2), d * (m3 - 3 * m1 * m2 + 2 * m1 ** 3)
+    ez, ez2, ez3 = k1, k2 + k1 ** 2, k3 + 3 * k2 * k1 + k1 ** 3
+    return ez3 / d ** 3 + 3 * ez2 / d ** 2 + 3 * ez / d + 1
+
+
+def test_metrics_identical_sets_separated_sets_and_half_the_clusters():
+    ref = _metrics_clusters(4, 20)
+    # identical: every point is inside its own ball, so precision, recall and coverage are 1; each ball of radius
+    # "distance to the 5th neighbour" holds its centre and 4 nearer points strictly inside, so density is 5 / 5 = 1
+    assert metrics.prdc(ref, ref) == {"precision": 1, "recall": 1, "density": 1, "coverage": 1}
+    # 40 apart with unit spread: no distance between the sets comes near a radius, so every figure is 0
+    assert metrics.prdc(ref + 40, ref) == {"precision": 0, "recall": 0, "density": 0, "coverage": 0}
+    # samples = the reference points of 2 of its 4 clusters: each sample is a reference point (precision 1), the
+    # reference's other 2 clusters are neither reached nor covered (recall, coverage 1/2), and the covered half is as
+    # dense as the reference (density 1, by the count above)
+    assert metrics.prdc(ref[:40], ref, chunk=7) == {"precision": 1, "recall": 0.5, "density": 1, "coverage": 0.5}
+
+
+@pytest.mark.parametrize("kind", ["continuous", "integer"])
+def test_metrics_prdc_matches_the_definitions_in_float64(kind):
+    rng = np.random.default_rng(1)
+    if kind == "integer":  # small integers: float32 is exact, so ties sit on the balls' edges and <= vs < is tested
+        x, y = rng.integers(0, 5, (60, 3)).astype(float), rng.integers(0, 4, (70, 3)).astype(float)
+    else:
+        x, y = rng.normal(size=(60, 16)), rng.normal(0.3, 1.2, size=(70, 16))
+    ours, brute = metrics.prdc(x, y, chunk=7), _metrics_brute_force(x, y)  # 7: blocks that do not divide the sets
+    assert ours == pytest.approx(brute, abs=1e-12)
+    assert 0 < brute["precision"] < 1 and 0 < brute["recall"] < 1 and brute["density"] != 1  # not a trivial case
+    radii = metrics.knn_radii(torch.as_tensor(y, dtype=torch.float32), 3, chunk=7)
+    np.testing.assert_allclose(radii.sqrt().numpy()[:, 1:], np.sort(scipy.spatial.distance.cdist(y, y), 1)[:, 1:4],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="3-nearest-neighbour balls need more than 3 features, got 3"):
+        metrics.prdc(x[:3], y)
+
+
+def test_metrics_kid_closed_forms_and_subsets():
+    rng = np.random.default_rng(2)
+    d, delta = 4, 0.5
+    x, y = rng.normal(size=(50000, d)), rng.normal(delta, 1, size=(50000, d))
+    # shifted: the population MMD^2 is E k(x, x') + E k(y, y') - 2 E k(x, y), each in closed form (1.328 here). The
+    # 100 subsets of 500 hardly overlap in 50,000, so their mean is within 3 std / sqrt(100) of it
+    expected = _metrics_expected_kernel(0, 0, d) + _metrics_expected_kernel(delta, delta, d) \
+        - 2 * _metrics_expected_kernel(0, delta, d)
+    mean, std = metrics.kid(x, y, subsets=100, subset_size=500)
+    assert abs(mean - expected) < 0.3 * std and 0.1 < std < 0.3, (mean, std, expected)
+    # two halves of one Gaussian sample: the unbiased estimate is 0 within its spread
+    mean, std = metrics.kid(x[:25000], x[25000:], subsets=100, subset_size=500)
+    assert abs(mean) < 0.3 * std and std > 0
+    # a subset as large as the inputs is the whole set in another order, whatever the seed: every estimate is the
+    # same, the direct formula's
+    a, b = x[:300], y[:200] + x[300:500]
+    kxx, kyy, kxy = ((p @ q.T / d + 1) ** 3 for p, q in ((a[:200], a[:200]), (b, b), (a[:200], b)))
+    direct = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (200 * 199) - 2 * kxy.mean()
+    for seed in (0, 1):
+        mean, std = metrics.kid(a[:200], b, subsets=4, subset_size=200, seed=seed)
+        assert mean == pytest.approx(direct, rel=1e-5) and std < 1e-9
+    with pytest.raises(ValueError, match="a KID subset of 201 features needs that many in each input, got 300 and 200"):
+        metrics.kid(a, b, subset_size=201)
 
 
 # ---- fid.py ----
