@@ -494,8 +494,8 @@ def test_unet_learns_a_fixed_batch():
 # status 2 and one line on stderr, before any work and before any output is opened. The table is also the reference of
 # what each flag accepts. Paths: {missing} does not exist, {dir} is a folder, {file} a text file, {empty} a 0-byte file,
 # {cut} a checkpoint cut in half, {foreign} a torch file without a config; {nan}, {shape}, {huge}, {cutnpz}, {emptynpz}
-# and {textnpz} bad statistics .npz files, {small} 4-d statistics, {stats} good 8-d ones; {imgs} a class folder, empty
-# (a row that got past the checks would stop at "holds no images" rather than train).
+# and {textnpz} bad statistics .npz files, {small} 4-d statistics without features, {stats} good 8-d ones with 8
+# features; {imgs} a class folder, empty (a row that got past the checks would stop at "holds no images" rather than train).
 FLAG_TABLE = [
     # train.py: method
     ("train", ["--loss", "l2"], "argument --loss: invalid choice: 'l2'"),
@@ -611,6 +611,18 @@ FLAG_TABLE = [
     ("fid", ["--weights", "{dir}"], "argument --weights: {dir} is a directory, expected a file"),
     ("fid", ["--weights", "{empty}"], "argument --weights: {empty} is empty"),
     ("fid", ["--data-dir", "{file}"], "argument --data-dir: {file} is a file, expected a directory"),
+    # fid.py: KID, precision/recall, density/coverage ({stats} holds 8 features, {small} none)
+    ("fid", ["--kid=1"], "argument --kid: ignored explicit argument '1'"),
+    ("fid", ["--prdc=1"], "argument --prdc: ignored explicit argument '1'"),
+    ("fid", ["--kid-subsets", "0"], "argument --kid-subsets: expected an integer >= 1, got '0'"),
+    ("fid", ["--kid-subset-size", "1"], "argument --kid-subset-size: expected an integer >= 2, got '1'"),
+    ("fid", ["{stats}", "--kid"], "--kid-subset-size 1000 is more than the 8 images of {stats}: lower it to at most 8"),
+    ("fid", ["{small}", "--prdc"], "{small} holds statistics but no features, which KID, precision/recall and "
+                                   "density/coverage need: pass the images, or write a file with them: python fid.py "
+                                   "IMAGES --save-stats OUT.npz --with-features"),
+    ("fid", ["--with-features"], "--with-features keeps features in the --save-stats file: give --save-stats OUT.npz"),
+    ("fid", ["--save-stats", "{dir}/out.npz", "--kid"], "--kid and --prdc compare two inputs, --save-stats writes one "
+                                                        "input's statistics: not both"),
     # sweep.py
     ("sweep", ["--ckpt", "{missing}"], "argument --ckpt: {missing}: no such file"),
     ("sweep", ["--ckpt", "{ckpt}", "{dir}"], "argument --ckpt: {dir} is a directory, expected a file"),
@@ -639,6 +651,14 @@ FLAG_TABLE = [
     ("sweep", ["--device", "gpu0"], "argument --device: unknown device 'gpu0'"),
     ("sweep", ["--weights", "{missing}"], "argument --weights: {missing}: no such file"),
     ("sweep", ["--data-dir", "{file}"], "argument --data-dir: {file} is a file, expected a directory"),
+    ("sweep", ["--kid=1"], "argument --kid: ignored explicit argument '1'"),
+    ("sweep", ["--prdc=1"], "argument --prdc: ignored explicit argument '1'"),
+    ("sweep", ["--kid-subsets", "0"], "argument --kid-subsets: expected an integer >= 1, got '0'"),
+    ("sweep", ["--kid-subset-size", "1"], "argument --kid-subset-size: expected an integer >= 2, got '1'"),
+    ("sweep", ["--kid"], "--kid-subset-size 1000 is more than the --n 2 images of a cell: lower it to at most 2"),
+    ("sweep", ["--kid", "--n", "10", "--kid-subset-size", "9"], "--kid-subset-size 9 is more than the 8 images of "
+                                                                "{stats}: lower it to at most 8"),
+    ("sweep", ["--prdc", "--ref", "{small}"], "{small} holds statistics but no features"),
     # bench.py
     ("bench", ["--what", "everything"], "argument --what: invalid choice: 'everything'"),
     ("bench", ["--device", "gpu0"], "argument --device: unknown device 'gpu0'"),
@@ -689,7 +709,7 @@ def flag_paths(tmp_path_factory, sample_ckpt):
     whole = Path(sample_ckpt).read_bytes()
     (root / "cut.pt").write_bytes(whole[:len(whole) // 2])
     torch.save({"state_dict": {}}, root / "foreign.pt")
-    fid.save_statistics(root / "stats.npz", np.zeros(8), np.eye(8))
+    fid.save_statistics(root / "stats.npz", np.zeros(8), np.eye(8), features=np.eye(8))
     fid.save_statistics(root / "small.npz", np.zeros(4), np.eye(4))
     np.savez(root / "nan.npz", mu=np.full(8, np.nan), sigma=np.eye(8))
     np.savez(root / "shape.npz", mu=np.zeros(8), sigma=np.eye(7))
@@ -1016,24 +1036,29 @@ def test_fid_exact_fp32_switches_tf32_off_and_restores():
 
 
 @fid_needs_helper
-def test_fid_folder_npz_and_stats_inputs_agree(tmp_path, capsys):
+def test_fid_folder_npz_and_stats_inputs_agree(tmp_path, capsys, monkeypatch):
     imgs = _fid_images(3, seed=5)
     _fid_write_folder(tmp_path / "folder", imgs)
     np.savez(tmp_path / "adm.npz", arr_0=imgs[[0, 2, 1]])
     # the folder is searched recursively and sorted: class0/ (images 0, 2) before class1/ (image 1)
     assert np.array_equal(fid.load_images(tmp_path / "folder"), imgs[[0, 2, 1]])
+    outputs, features = [], fid.inception_features
+    monkeypatch.setattr(fid, "inception_features", lambda *a, **k: outputs.append(features(*a, **k)) or outputs[-1])
     with pytest.warns(UserWarning, match="rank-deficient"):
-        fid.main([str(tmp_path / "folder"), "--save-stats", str(tmp_path / "s" / "stats.npz")])
-        mu_n, sigma_n, n_n, _ = fid.input_statistics(tmp_path / "adm.npz", progress=False)
+        fid.main([str(tmp_path / "folder"), "--save-stats", str(tmp_path / "s" / "stats.npz"), "--with-features"])
+        mu_n, sigma_n, n_n, feats_n = fid.input_statistics(tmp_path / "adm.npz", progress=False, features=True)
     assert "FID" not in capsys.readouterr().out
     assert os.listdir(tmp_path / "s") == ["stats.npz"]  # no temporary file left behind
-    with np.load(tmp_path / "s" / "stats.npz") as f:  # what pytorch-fid reads
-        mu_f, sigma_f = f["mu"], f["sigma"]
+    with np.load(tmp_path / "s" / "stats.npz") as f:  # what pytorch-fid reads, and the features beside
+        mu_f, sigma_f, feats_f = f["mu"], f["sigma"], f["features"]
     assert mu_f.shape == (2048,) and sigma_f.shape == (2048, 2048) and np.abs(sigma_f).max() > 0
     np.testing.assert_allclose(mu_f, mu_n, rtol=0, atol=1e-12)
     np.testing.assert_allclose(sigma_f, sigma_n, rtol=0, atol=1e-12)
-    mu_s, sigma_s, n_s, _ = fid.input_statistics(tmp_path / "s" / "stats.npz")
+    assert feats_f.dtype == np.float16 and np.array_equal(feats_f, outputs[0].astype(np.float16))
+    assert np.array_equal(feats_n, feats_f)  # rounded alike from images and from a file: the same figures either way
+    mu_s, sigma_s, n_s, feats_s = fid.input_statistics(tmp_path / "s" / "stats.npz", features=True)
     assert n_s == n_n == 3 and np.array_equal(mu_s, mu_f) and np.array_equal(sigma_s, sigma_f)
+    assert np.array_equal(feats_s, feats_f)
 
 
 @fid_needs_helper
@@ -1048,9 +1073,14 @@ def test_fid_cifar10_input_uses_the_data_loader_and_caches(tmp_path, monkeypatch
     with pytest.warns(UserWarning):
         mu, sigma, n, _ = fid.input_statistics("cifar10-test", data_dir=str(tmp_path), progress=False)
     assert calls == [("test", str(tmp_path))] and n == 3
-    assert (tmp_path / "fid_stats_cifar10-test.npz").is_file()
-    mu2, sigma2, n2, _ = fid.input_statistics("cifar10-test", data_dir=str(tmp_path))
+    cache = tmp_path / "fid_stats_cifar10-test.npz"
+    mu2, sigma2, n2, feats = fid.input_statistics("cifar10-test", data_dir=str(tmp_path), features=True)
     assert len(calls) == 1 and n2 == 3 and np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+    assert feats.shape == (3, 2048) and feats.dtype == np.float16  # the cache keeps the features
+    fid.save_statistics(cache, mu, sigma, 3)  # a cache from before the features: recomputed when they are asked for
+    with pytest.warns(UserWarning):
+        assert np.array_equal(fid.input_statistics("cifar10-test", data_dir=str(tmp_path), features=True)[3], feats)
+    assert len(calls) == 2 and np.array_equal(fid.load_statistics(cache, features=True)[3], feats)
 
     def offline(split, data_dir="data"):
         raise OSError("network unreachable")
@@ -1137,6 +1167,27 @@ def test_fid_wrong_weights_file_exit_2(tmp_path, capsys):
                              (tmp_path / "missing.pth", "missing.pth: no such file")]:
         err = _fid_main_error([str(tmp_path / "adm.npz"), str(tmp_path / "adm.npz"), "--weights", str(weights)], capsys)
         assert message in err
+
+
+def test_fid_kid_and_prdc_lines_above_the_fid_line(tmp_path, capsys):
+    rng = np.random.default_rng(13)
+    feats = {"a.npz": rng.normal(size=(50, 8)), "b.npz": rng.normal(0.5, 1, size=(60, 8)), "c.npz": rng.normal(size=(30, 8))}
+    for name, f in feats.items():
+        fid.save_statistics(tmp_path / name, *fid.feature_statistics(f), len(f), f)
+    a, b = (str(tmp_path / name) for name in ("a.npz", "b.npz"))
+    fid.main([a, b, "--kid", "--prdc", "--kid-subset-size", "40", "--kid-subsets", "7"])
+    x, y = feats["a.npz"].astype(np.float16), feats["b.npz"].astype(np.float16)  # as the files hold them
+    mean, std = metrics.kid(x, y, subsets=7, subset_size=40)
+    scores = metrics.prdc(x, y)
+    (mu1, s1, _, _), (mu2, s2, _, _) = fid.load_statistics(a), fid.load_statistics(b)
+    assert capsys.readouterr().out.splitlines() == [
+        f"{a}: 50 images", f"{b}: 60 images", f"KID: {mean:.6f} ± {std:.6f}",
+        *(f"{m}: {scores[m]:.4f}" for m in ("precision", "recall", "density", "coverage")),
+        f"FID: {fid.frechet_distance(mu1, s1, mu2, s2):.4f}"]
+    assert mean > 3 * std and 0 < scores["precision"] < 1  # a shift of 0.5 is seen
+    c = str(tmp_path / "c.npz")  # the reference too small for a subset, refused before any figure is printed
+    assert _fid_main_error([a, c, "--kid", "--kid-subset-size", "40"], capsys).endswith(
+        f" error: --kid-subset-size 40 is more than the 30 images of {c}: lower it to at most 30")
 
 
 def test_fid_cli_in_a_subprocess(tmp_path):
