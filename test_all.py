@@ -1740,7 +1740,9 @@ def test_sweep_writes_results_and_resumes_only_missing_cells(tmp_path):
     assert "[cell 4/4]" in run.stderr and "img/s" in run.stderr and "ETA" in run.stderr
 
     header, rows, lines = _sweep_csv(out / "results.csv")
-    assert header == "checkpoint,loss,w_train,p_uncond,w,w_eff,steps,eta,n,ref,fid,seconds,sampler,v,interval"
+    assert header == "checkpoint,loss,w_train,p_uncond,w,w_eff,steps,eta,n,ref,fid,seconds,sampler,v,interval," \
+                     "kid,kid_std,precision,recall,density,coverage"
+    assert all(r[m] == "" for r in rows for m in sweep.METRICS)  # not asked for
     assert all((r["sampler"], r["v"], r["interval"]) == ("ddim", "", "") for r in rows)
     assert [(r["checkpoint"], r["loss"], r["w_train"], float(r["w"]), float(r["w_eff"])) for r in rows] == [
         (ckpts[0], "standard", "", 0.0, 0.0), (ckpts[0], "standard", "", 2.0, 2.0),
@@ -1810,6 +1812,46 @@ def test_sweep_sampler_columns_are_part_of_the_resume_key(tmp_path, capsys, monk
     sweep.main(ancestral)
     with Image.open(out / "results.png") as im:
         assert im.size[0] > 300 and im.size[1] > 200
+
+
+@pytest.mark.filterwarnings("ignore:only")  # 4 samples, 12 reference features: rank-deficient, as intended
+def test_sweep_kid_prdc_columns_tables_panel_and_an_old_csv(tmp_path, capsys, monkeypatch):
+    ckpts, _ = _sweep_setup(tmp_path)
+    # the plumbing is under test, not Inception: 16 pixels of each image stand in for its features, so FID is cheap
+    cells = []
+    monkeypatch.setattr(fid, "inception_features", lambda model, images, *a, **k: cells.append(
+        images.reshape(len(images), -1)[:, :16] / 255.0) or cells[-1])
+    ref_feats = np.random.default_rng(14).uniform(size=(12, 16))
+    ref = tmp_path / "ref_feats.npz"
+    fid.save_statistics(ref, *fid.feature_statistics(ref_feats), 12, ref_feats)
+    out = tmp_path / "s"
+    base = ["--ckpt", ckpts[1], "--steps", "1", "--n", "4", "--ref", str(ref), "--out", str(out)]
+    sweep.main([*base, "--w", "0,2", "--kid", "--kid-subset-size", "4", "--kid-subsets", "3", "--prdc"])
+    _, rows, _ = _sweep_csv(out / "results.csv")
+    assert len(rows) == len(cells) == 2
+    for row, feats in zip(rows, cells):  # each row's figures: its cell's features against the reference's, as stored
+        x, y = feats.astype(np.float16), ref_feats.astype(np.float16)
+        assert (float(row["kid"]), float(row["kid_std"])) == metrics.kid(x, y, subsets=3, subset_size=4)
+        assert {m: float(row[m]) for m in sweep.METRICS[2:]} == metrics.prdc(x, y)
+    md = (out / "results.md").read_text()
+    for title in ("FID", "KID", "precision", "recall", "density", "coverage"):
+        assert f"## 1 sampling steps: {title} by w" in md
+    best = min(rows, key=lambda r: float(r["kid"]))
+    assert md.count(" ± ") == 2 and f"**{float(best['kid']):.5f}** ± {float(best['kid_std']):.5f}" in md
+    if importlib.util.find_spec("matplotlib"):
+        with Image.open(out / "results.png") as im:
+            assert im.size[0] > 1.5 * im.size[1]  # two panels side by side: FID by w, precision against recall
+    # an old results.csv, from before the metrics columns: it resumes as it is; --prdc recomputes a cell without them
+    old = sweep.HEADER[:-len(sweep.METRICS)]
+    (out / "results.csv").write_text("".join(",".join(r.get(c, c) for c in old) + "\n" for r in [{}, *rows]))
+    capsys.readouterr()
+    sweep.main([*base, "--w", "0,2"])
+    assert "0 cells to compute, 2 already" in capsys.readouterr().err
+    sweep.main([*base, "--w", "2", "--prdc"])
+    assert "1 cells to compute, 0 already" in capsys.readouterr().err
+    _, again, _ = _sweep_csv(out / "results.csv")  # still one row a cell; the same noise, the same figures
+    assert [r["w"] for r in again] == ["0.0", "2.0"] and again[0]["precision"] == again[1]["kid"] == ""
+    assert (again[1]["fid"], again[1]["precision"]) == (rows[1]["fid"], rows[1]["precision"])
 
 
 @pytest.mark.parametrize("extra, message", [
