@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from scipy.special import logsumexp
 
-from data import load_cifar10, load_image_folder, load_npz_images, open_npz
 import metrics
+from data import load_cifar10, load_image_folder, load_npz_images, open_npz
 from inception import FIDError, load_inception
 from flags import existing_file, number, output_dir, output_file, parser
 from runtime import pick_device, write_atomic
@@ -183,13 +183,10 @@ def save_statistics(path, mu, sigma, n=None, features=None):
     """Write pytorch-fid-compatible statistics (plus the image count n, if known, and the features, if given, as
     FEATURES_DTYPE), atomically."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    extra = ({} if n is None else {"n": n}) | ({} if features is None else {"features": features.astype(FEATURES_DTYPE)})
+    extra = {} if n is None else {"n": n}
+    if features is not None:
+        extra["features"] = features.astype(FEATURES_DTYPE)
     write_atomic(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **extra))
-
-
-def no_features(path):
-    return FIDError(f"{path} holds statistics but no features, which KID, precision/recall and density/coverage need: "
-                    f"pass the images, or write a file with them: python fid.py IMAGES --save-stats OUT.npz --with-features")
 
 
 def input_statistics(source, model=None, batch_size=50, device="cpu", data_dir="data", weights=None,
@@ -207,7 +204,9 @@ def input_statistics(source, model=None, batch_size=50, device="cpu", data_dir="
         stats = load_statistics(source, features)
         if stats is not None:
             if features and stats[3] is None:
-                raise no_features(source)
+                raise FIDError(f"{source} holds statistics but no features, which KID, precision/recall and "
+                               f"density/coverage need: pass the images, or write a file with them: python fid.py "
+                               f"IMAGES --save-stats OUT.npz --with-features")
             return stats
     images = load_images(source, data_dir)
     if len(images) < 2:
@@ -227,12 +226,14 @@ def feature_metrics(samples, reference, kid=False, prdc=False, kid_subsets=100, 
     with exact_fp32(torch.device(device).type):
         try:
             if kid:
-                out["kid"], out["kid_std"] = metrics.kid(samples, reference, kid_subsets, kid_subset_size, device=device)
-                print(f"KID: {kid_subsets} subsets of {kid_subset_size} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+                out["kid"], out["kid_std"] = metrics.kid(samples, reference, kid_subsets, kid_subset_size,
+                                                         device=device)
+                print(f"KID ({kid_subsets} subsets of {kid_subset_size}) took {time.perf_counter() - start:.1f} s",
+                      file=sys.stderr)
             if prdc:
                 start = time.perf_counter()
                 out.update(metrics.prdc(samples, reference, device=device))
-                print(f"precision, recall, density, coverage: {len(samples)} x {len(reference)} features in "
+                print(f"precision, recall, density, coverage ({len(samples)} x {len(reference)} features) took "
                       f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
         except ValueError as e:  # too few features for a subset or a k-NN ball
             raise FIDError(str(e)) from None
@@ -244,17 +245,17 @@ def feature_metrics(samples, reference, kid=False, prdc=False, kid_subsets=100, 
 
 def main(argv=None):
     p = parser("Frechet Inception Distance, as pytorch-fid 0.3.0 computes it.", formatter_class=argparse.HelpFormatter)
-    p.add_argument("inputs", nargs="*", help="the samples, then the reference: image folder, ADM .npz (arr_0), statistics "
-                   ".npz (mu, sigma), cifar10-train or cifar10-test; default: samples/samples.npz cifar10-train; "
-                   "one input is compared with cifar10-train")
+    p.add_argument("inputs", nargs="*", help="the samples, then the reference: image folder, ADM .npz (arr_0), "
+                   "statistics .npz (mu, sigma), cifar10-train or cifar10-test; default: samples/samples.npz "
+                   "cifar10-train; one input is compared with cifar10-train")
     p.add_argument("--save-stats", metavar="OUT.npz", type=output_file, help="write the one input's statistics; no FID")
     p.add_argument("--with-features", action="store_true", help="with --save-stats: keep the Inception features in the "
                    "file too (float16, 4 KB an image), so that it serves --kid and --prdc")
-    p.add_argument("--kid", action="store_true", help="also KID, mean +- std over subsets (torch-fidelity's convention)")
+    p.add_argument("--kid", action="store_true", help="also KID, mean +- std over subsets, as torch-fidelity does")
     p.add_argument("--kid-subsets", type=number(int, lo=1), default=100, help="KID's random subsets (>= 1; default 100)")
     p.add_argument("--kid-subset-size", type=number(int, lo=2), default=1000,
                    help="features of each input in a KID subset (>= 2, at most either input's count; default 1000)")
-    p.add_argument("--prdc", action="store_true", help="also precision and recall (k = 3), density and coverage (k = 5)")
+    p.add_argument("--prdc", action="store_true", help="also precision, recall (k = 3), density and coverage (k = 5)")
     p.add_argument("--is", dest="inception_score", action="store_true",
                    help="also the Inception Score (10 splits) of the first input; needs classifier weights")
     p.add_argument("--batch-size", type=number(int, lo=1), default=50, help="images per forward pass (>= 1; default 50)")
@@ -287,7 +288,8 @@ def main(argv=None):
 
 def run(args, inputs, device):
     features = args.kid or args.prdc or args.with_features
-    kw = dict(batch_size=args.batch_size, device=device, data_dir=args.data_dir, weights=args.weights, features=features)
+    kw = dict(batch_size=args.batch_size, device=device, data_dir=args.data_dir, weights=args.weights,
+              features=features)
     stats = []
     for i, source in enumerate(inputs):
         if i == 0 and args.inception_score:

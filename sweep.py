@@ -73,7 +73,8 @@ def write_results(path, rows):
 
 # results.md's tables: (title, column, format, whether a row's lowest value is its best, shown in bold)
 TABLES = [("FID", "fid", "%.2f", True), ("KID", "kid", "%.5f", True), ("precision", "precision", "%.3f", False),
-          ("recall", "recall", "%.3f", False), ("density", "density", "%.3f", False), ("coverage", "coverage", "%.3f", False)]
+          ("recall", "recall", "%.3f", False), ("density", "density", "%.3f", False),
+          ("coverage", "coverage", "%.3f", False)]
 
 
 def markdown(rows, column):
@@ -119,7 +120,8 @@ def plot(rows, column, path):
         cells = sorted((float(r["w_eff"]), float(r["recall"]), float(r["precision"])) for r in pr if curve(r) == key)
         axes[0, 1].plot([c[1] for c in cells], [c[2] for c in cells], marker="o", label=f"{key[0]}, {key[1]} steps")
         for w_eff, recall, precision in cells:
-            axes[0, 1].annotate(f"{w_eff:g}", (recall, precision), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            axes[0, 1].annotate(f"{w_eff:g}", (recall, precision), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7)
     if pr:
         axes[0, 1].set(xlabel="recall (diversity)", ylabel="precision (fidelity)",
                        title="precision against recall, points labelled by w_eff")
@@ -241,7 +243,7 @@ def main(argv=None):
                    help="auto (cuda when there is one), cpu, cuda, cuda:N")
     p.add_argument("--weights", type=existing_file, help="FID Inception weights (see fid.py --help)")
     p.add_argument("--data-dir", type=output_dir, default="data", help="where CIFAR-10 and its cached statistics live")
-    p.add_argument("--kid", action="store_true", help="also KID on every row (the reference needs features; see fid.py)")
+    p.add_argument("--kid", action="store_true", help="also KID on every row (the reference needs features: fid.py)")
     p.add_argument("--kid-subsets", type=number(int, lo=1), default=100, help="KID's random subsets (>= 1)")
     p.add_argument("--kid-subset-size", type=number(int, lo=2), default=1000, help="features of each input in a KID "
                    "subset (>= 2, at most --n and the reference's count)")

@@ -495,7 +495,8 @@ def test_unet_learns_a_fixed_batch():
 # what each flag accepts. Paths: {missing} does not exist, {dir} is a folder, {file} a text file, {empty} a 0-byte file,
 # {cut} a checkpoint cut in half, {foreign} a torch file without a config; {nan}, {shape}, {huge}, {cutnpz}, {emptynpz}
 # and {textnpz} bad statistics .npz files, {small} 4-d statistics without features, {stats} good 8-d ones with 8
-# features; {imgs} a class folder, empty (a row that got past the checks would stop at "holds no images" rather than train).
+# features; {imgs} a class folder, empty (a row that got past the checks would stop at "holds no images" rather than
+# train).
 FLAG_TABLE = [
     # train.py: method
     ("train", ["--loss", "l2"], "argument --loss: invalid choice: 'l2'"),
@@ -836,7 +837,8 @@ def _metrics_brute_force(x, y, k_pr=3, k_dc=5):
 
 def _metrics_expected_kernel(a, b, d):
     """E (x.y / d + 1)^3 for independent x ~ N(a 1, I_d), y ~ N(b 1, I_d): x.y sums d independent products x_i y_i
-    whose first three moments are a b, (a^2 + 1)(b^2 + 1) and (a^3 + 3a)(b^3 + 3b), so its cumulants are d times theirs."""
+    whose first three moments are a b, (a^2 + 1)(b^2 + 1) and (a^3 + 3a)(b^3 + 3b), so its cumulants are d times
+    theirs."""
     m1, m2, m3 = a * b, (a * a + 1) * (b * b + 1), (a ** 3 + 3 * a) * (b ** 3 + 3 * b)
     k1, k2, k3 = d * m1, d * (m2 - m1 ** 2), d * (m3 - 3 * m1 * m2 + 2 * m1 ** 3)
     ez, ez2, ez3 = k1, k2 + k1 ** 2, k3 + 3 * k2 * k1 + k1 ** 3
@@ -1171,7 +1173,8 @@ def test_fid_wrong_weights_file_exit_2(tmp_path, capsys):
 
 def test_fid_kid_and_prdc_lines_above_the_fid_line(tmp_path, capsys):
     rng = np.random.default_rng(13)
-    feats = {"a.npz": rng.normal(size=(50, 8)), "b.npz": rng.normal(0.5, 1, size=(60, 8)), "c.npz": rng.normal(size=(30, 8))}
+    feats = {"a.npz": rng.normal(size=(50, 8)), "b.npz": rng.normal(0.5, 1, size=(60, 8)),
+             "c.npz": rng.normal(size=(30, 8))}
     for name, f in feats.items():
         fid.save_statistics(tmp_path / name, *fid.feature_statistics(f), len(f), f)
     a, b = (str(tmp_path / name) for name in ("a.npz", "b.npz"))
