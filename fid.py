@@ -1,12 +1,14 @@
-"""Frechet Inception Distance, computed exactly as pytorch-fid 0.3.0 does.
+"""Frechet Inception Distance, computed exactly as pytorch-fid 0.3.0 does, and from the same features KID, precision and
+recall, density and coverage (metrics.py).
 
     python fid.py                          # samples/samples.npz against cifar10-train
-    python fid.py A B                      # any two inputs
-    python fid.py A --save-stats A.npz     # A's statistics, for later use as an input
+    python fid.py A B                      # any two inputs: A the samples, B the reference
+    python fid.py A B --kid --prdc         # also KID, precision, recall, density and coverage
+    python fid.py A --save-stats A.npz     # A's statistics, for later use as an input (--with-features: and features)
 
 An input is an image folder, an ADM-style .npz (arr_0: uint8 [N, H, W, 3]), a pytorch-fid
-statistics .npz (mu, sigma) or cifar10-train / cifar10-test. The network is the TensorFlow
-inception-2015-12-05 graph used by the original FID code, written out in pytorch-fid's layout.
+statistics .npz (mu, sigma, and here optionally features) or cifar10-train / cifar10-test. The network is the
+TensorFlow inception-2015-12-05 graph used by the original FID code, written out in pytorch-fid's layout.
 """
 import argparse
 import contextlib
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from scipy.special import logsumexp
 
+import metrics
 from data import load_cifar10, load_image_folder, load_npz_images, open_npz
 from inception import FIDError, load_inception
 from flags import existing_file, number, output_dir, output_file, parser
@@ -28,6 +31,10 @@ CIFAR10 = ("cifar10-train", "cifar10-test")
 # Inception's memory layout by device type. CPU: channels_last ran 1.5x as fast as NCHW in fp32 (`python bench.py --what
 # cpu-table`, README "Measuring speed"), its features within 1e-5 of NCHW's. CUDA: NCHW, as before, until measured there.
 INCEPTION_CHANNELS_LAST = {"cpu": True, "cuda": False}
+# Features are kept (in statistics files, and in memory for the metrics, whatever their source) rounded to float16:
+# CIFAR-10 train's 50,000 x 2048 are 200 MB, not 400 in float32, and the rounding (2^-11 relative, on features that are
+# averages of ReLUs) moves none of the metrics by more than README reports. FID's mu and sigma come from float64.
+FEATURES_DTYPE = np.float16
 
 
 # -----------------------------------------------------------------------------
@@ -154,8 +161,9 @@ def load_images(source, data_dir="data"):
         raise FIDError(f"cannot load {source}: {e}" if source in CIFAR10 else str(e)) from None
 
 
-def load_statistics(path):
-    """(mu, sigma, n) from a statistics .npz, or None if it holds no mu and sigma."""
+def load_statistics(path, features=False):
+    """(mu, sigma, n, feats) from a statistics .npz, or None if it holds no mu and sigma. feats is None unless
+    features=True and the file holds them; n is None when the file records neither n nor features."""
     try:
         f = open_npz(path)
     except ValueError as e:
@@ -164,38 +172,79 @@ def load_statistics(path):
         if "mu" not in f or "sigma" not in f:
             return None
         mu, sigma, n = f["mu"], f["sigma"], (int(f["n"]) if "n" in f else None)
+        feats = f["features"] if features and "features" in f else None
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
         raise FIDError(f"{path}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise FIDError(f"{path}: the statistics hold NaN or inf")
-    return mu, sigma, n
+    if feats is not None:
+        if feats.ndim != 2 or feats.shape[1] != len(mu) or n not in (None, len(feats)):
+            raise FIDError(f"{path}: features must be [n, {len(mu)}] for n = {n} images, got {feats.shape}")
+        if not np.isfinite(feats).all():
+            raise FIDError(f"{path}: the features hold NaN or inf")
+        n = len(feats)
+    return mu, sigma, n, feats
 
 
-def save_statistics(path, mu, sigma, n=None):
-    """Write pytorch-fid-compatible statistics (plus the image count n, if known), atomically."""
+def save_statistics(path, mu, sigma, n=None, features=None):
+    """Write pytorch-fid-compatible statistics (plus the image count n, if known, and the features, if given, as
+    FEATURES_DTYPE), atomically."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **({} if n is None else {"n": n})))
+    extra = {} if n is None else {"n": n}
+    if features is not None:
+        extra["features"] = features.astype(FEATURES_DTYPE)
+    write_atomic(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **extra))
 
 
 def input_statistics(source, model=None, batch_size=50, device="cpu", data_dir="data", weights=None,
-                     progress=True):
-    """(mu, sigma, n) of any input; n is None for a statistics file that does not record it."""
+                     progress=True, features=False):
+    """(mu, sigma, n, feats) of any input: n is None for a statistics file that does not record it; feats, the
+    Inception features as FEATURES_DTYPE [n, 2048], is None unless features=True, and then never."""
     source = str(source)
     cache = Path(data_dir) / f"fid_stats_{source}.npz"
     if source in CIFAR10 and cache.exists():
-        return load_statistics(cache)
+        stats = load_statistics(cache, features)
+        if not features or stats[3] is not None:
+            return stats
+        print(f"{cache} holds no features (it predates KID and precision/recall): recomputing it", file=sys.stderr)
     if source not in CIFAR10 and source.endswith(".npz") and Path(source).is_file():
-        stats = load_statistics(source)
+        stats = load_statistics(source, features)
         if stats is not None:
+            if features and stats[3] is None:
+                raise FIDError(f"{source} holds statistics but no features, which KID, precision/recall and "
+                               f"density/coverage need: pass the images, or write a file with them: python fid.py "
+                               f"IMAGES --save-stats OUT.npz --with-features")
             return stats
     images = load_images(source, data_dir)
     if len(images) < 2:
         raise FIDError(f"{source}: FID needs at least 2 images, got {len(images)}")
     model = model if model is not None else load_inception(weights, device)
-    mu, sigma = feature_statistics(inception_features(model, images, batch_size, device, progress=progress))
-    if source in CIFAR10:  # the real data's statistics are computed once and kept beside it
-        save_statistics(cache, mu, sigma, len(images))
-    return mu, sigma, len(images)
+    feats = inception_features(model, images, batch_size, device, progress=progress)
+    mu, sigma = feature_statistics(feats)
+    if source in CIFAR10:  # the real data's statistics and features are computed once and kept beside it
+        save_statistics(cache, mu, sigma, len(images), feats)
+    return mu, sigma, len(images), feats.astype(FEATURES_DTYPE) if features else None
+
+
+def feature_metrics(samples, reference, kid=False, prdc=False, kid_subsets=100, kid_subset_size=1000, device="cpu"):
+    """The metrics.py figures asked for, {kid, kid_std} and {precision, recall, density, coverage}, of two feature
+    arrays (samples first) in exact fp32; the time each took goes to stderr."""
+    out, start = {}, time.perf_counter()
+    with exact_fp32(torch.device(device).type):
+        try:
+            if kid:
+                out["kid"], out["kid_std"] = metrics.kid(samples, reference, kid_subsets, kid_subset_size,
+                                                         device=device)
+                print(f"KID ({kid_subsets} subsets of {kid_subset_size}) took {time.perf_counter() - start:.1f} s",
+                      file=sys.stderr)
+            if prdc:
+                start = time.perf_counter()
+                out.update(metrics.prdc(samples, reference, device=device))
+                print(f"precision, recall, density, coverage ({len(samples)} x {len(reference)} features) took "
+                      f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+        except ValueError as e:  # too few features for a subset or a k-NN ball
+            raise FIDError(str(e)) from None
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -203,10 +252,17 @@ def input_statistics(source, model=None, batch_size=50, device="cpu", data_dir="
 
 def main(argv=None):
     p = parser("Frechet Inception Distance, as pytorch-fid 0.3.0 computes it.", formatter_class=argparse.HelpFormatter)
-    p.add_argument("inputs", nargs="*", help="image folder, ADM .npz (arr_0), statistics .npz (mu, sigma), "
-                   "cifar10-train or cifar10-test; default: samples/samples.npz cifar10-train; "
-                   "one input is compared with cifar10-train")
+    p.add_argument("inputs", nargs="*", help="the samples, then the reference: image folder, ADM .npz (arr_0), "
+                   "statistics .npz (mu, sigma), cifar10-train or cifar10-test; default: samples/samples.npz "
+                   "cifar10-train; one input is compared with cifar10-train")
     p.add_argument("--save-stats", metavar="OUT.npz", type=output_file, help="write the one input's statistics; no FID")
+    p.add_argument("--with-features", action="store_true", help="with --save-stats: keep the Inception features in the "
+                   "file too (float16, 4 KB an image), so that it serves --kid and --prdc")
+    p.add_argument("--kid", action="store_true", help="also KID, mean +- std over subsets, as torch-fidelity does")
+    p.add_argument("--kid-subsets", type=number(int, lo=1), default=100, help="KID's random subsets (>= 1; default 100)")
+    p.add_argument("--kid-subset-size", type=number(int, lo=2), default=1000,
+                   help="features of each input in a KID subset (>= 2, at most either input's count; default 1000)")
+    p.add_argument("--prdc", action="store_true", help="also precision, recall (k = 3), density and coverage (k = 5)")
     p.add_argument("--is", dest="inception_score", action="store_true",
                    help="also the Inception Score (10 splits) of the first input; needs classifier weights")
     p.add_argument("--batch-size", type=number(int, lo=1), default=50, help="images per forward pass (>= 1; default 50)")
@@ -225,6 +281,10 @@ def main(argv=None):
         inputs.append("cifar10-train")
     if len(inputs) > 2:
         p.error(f"give at most two inputs, got {len(inputs)}: {' '.join(inputs)}")
+    if args.with_features and not args.save_stats:
+        p.error("--with-features keeps features in the --save-stats file: give --save-stats OUT.npz")
+    if args.save_stats and (args.kid or args.prdc):
+        p.error("--kid and --prdc compare two inputs, --save-stats writes one input's statistics: not both")
     try:
         for source in inputs:
             check_input(source)
@@ -235,7 +295,9 @@ def main(argv=None):
 
 
 def run(args, inputs, device):
-    kw = dict(batch_size=args.batch_size, device=device, data_dir=args.data_dir, weights=args.weights)
+    features = args.kid or args.prdc or args.with_features
+    kw = dict(batch_size=args.batch_size, device=device, data_dir=args.data_dir, weights=args.weights,
+              features=features)
     stats = []
     for i, source in enumerate(inputs):
         if i == 0 and args.inception_score:
@@ -244,21 +306,29 @@ def run(args, inputs, device):
             feats, logits = inception_features(model, images, args.batch_size, device, logits=True)
             mean, std = inception_score(logits)
             print(f"IS: {mean:.4f} +- {std:.4f} ({len(images)} images)")
-            stats.append((*feature_statistics(feats), len(images)))
+            stats.append((*feature_statistics(feats), len(images), feats.astype(FEATURES_DTYPE) if features else None))
         else:
             stats.append(input_statistics(source, **kw))
         n = stats[-1][2]
         print(f"{source}: {'an unknown number of' if n is None else n} images")
+        if args.kid and n < args.kid_subset_size:  # refused before the other input's features are computed
+            raise FIDError(f"--kid-subset-size {args.kid_subset_size} is more than the {n} images of {source}: "
+                           f"lower it to at most {n}")
     if args.save_stats:
         save_statistics(args.save_stats, *stats[0])
-        print(f"statistics written to {args.save_stats}")
+        print(f"statistics{' and features' * args.with_features} written to {args.save_stats}")
         return
-    (mu1, sigma1, _), (mu2, sigma2, _) = stats
+    (mu1, sigma1, _, feats1), (mu2, sigma2, _, feats2) = stats
     try:
         distance = frechet_distance(mu1, sigma1, mu2, sigma2)
     except FIDError as e:
         raise FIDError(f"{inputs[0]} vs {inputs[1]}: {e}") from None
-    print(f"FID: {distance:.4f}")  # as computed: identical inputs can give -0.0000 (README)
+    scores = feature_metrics(feats1, feats2, args.kid, args.prdc, args.kid_subsets, args.kid_subset_size, device)
+    if args.kid:
+        print(f"KID: {scores['kid']:.6f} ± {scores['kid_std']:.6f}")
+    for name in ("precision", "recall", "density", "coverage") if args.prdc else ():
+        print(f"{name}: {scores[name]:.4f}")
+    print(f"FID: {distance:.4f}")  # the last line; as computed: identical inputs can give -0.0000 (README)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""The comparison: FID over guidance scale and sampling steps for several checkpoints.
+"""The comparison: FID (with --kid --prdc also KID, precision, recall, density and coverage) over guidance scale and
+sampling steps for several checkpoints.
 
     python sweep.py --ckpt runs/standard/ckpt.pt runs/aligned-w2/ckpt.pt --w 0,0.5,1,2,3,5 --steps 10,25,50 --n 10000
 
 Every cell (checkpoint x steps x w) draws the same n labels with the same per-image seeds, so cells differ
 only by the model and the sampler. Results go to results.csv (one row per cell, appended as each cell
-finishes; cells already there are skipped, so an interrupted sweep resumes), results.md and, with
-matplotlib installed, results.png.
+finishes; cells already there, with the figures asked for, are skipped, so an interrupted sweep resumes), results.md
+and, with matplotlib installed, results.png.
 """
 import csv
 import io
@@ -22,8 +23,9 @@ from inception import FIDError, load_inception
 from runtime import CleanStop, class_grid, fast_path, pick_device, progress, save_grid, speed_line, write_atomic
 from sample import CheckpointError, balanced_labels, effective_to_sampling_w, effective_w, load_checkpoint, sample_checkpoint
 
+METRICS = ["kid", "kid_std", "precision", "recall", "density", "coverage"]  # empty unless --kid, --prdc asked for them
 HEADER = ["checkpoint", "loss", "w_train", "p_uncond", "w", "w_eff", "steps", "eta", "n", "ref", "fid", "seconds",
-          "sampler", "v", "interval"]
+          "sampler", "v", "interval", *METRICS]
 
 
 def run_name(path):
@@ -33,12 +35,13 @@ def run_name(path):
 
 
 def read_results(path):
-    """The rows of results.csv; rows from before the sampler columns existed were DDIM over every step."""
+    """The rows of results.csv; rows from before the sampler columns existed were DDIM over every step, rows from
+    before the metrics columns have none of those figures."""
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        return [{"sampler": "ddim", "v": "", "interval": "", **{k: v for k, v in r.items() if v is not None}}
-                for r in csv.DictReader(f)]
+        return [{"sampler": "ddim", "v": "", "interval": "", **dict.fromkeys(METRICS, ""),
+                 **{k: v for k, v in r.items() if v is not None}} for r in csv.DictReader(f)]
 
 
 def cell_key(row):
@@ -68,40 +71,63 @@ def write_results(path, rows):
     write_atomic(path, lambda f: f.write(buf.getvalue().encode()))
 
 
+# results.md's tables: (title, column, format, whether a row's lowest value is its best, shown in bold)
+TABLES = [("FID", "fid", "%.2f", True), ("KID", "kid", "%.5f", True), ("precision", "precision", "%.3f", False),
+          ("recall", "recall", "%.3f", False), ("density", "density", "%.3f", False),
+          ("coverage", "coverage", "%.3f", False)]
+
+
 def markdown(rows, column):
-    """One table per step count: checkpoints (and samplers) as rows, `column` (w or w_eff) as columns, each row's best
-    FID in bold."""
+    """One table per metric present and step count: checkpoints (and samplers) as rows, `column` (w or w_eff) as
+    columns; each row's best FID and KID in bold (KID with its std over subsets). Precision and recall, density and
+    coverage trade against each other along w, so none of their values is marked best."""
     out = []
-    for steps in sorted({int(r["steps"]) for r in rows}):
-        cells = [r for r in rows if int(r["steps"]) == steps]
-        cols = sorted({float(r[column]) for r in cells})
-        out += [f"## {steps} sampling steps: FID by {column}", "",
-                "| checkpoint | " + " | ".join(f"{column}={c:g}" for c in cols) + " |",
-                "| --- |" + " ---: |" * len(cols)]
-        for ckpt in dict.fromkeys(label(r, run_name) for r in cells):
-            fids = {float(r[column]): float(r["fid"]) for r in cells if label(r, run_name) == ckpt}
-            best = min(fids.values())
-            row = [("**%.2f**" if fids[c] == best else "%.2f") % fids[c] if c in fids else "" for c in cols]
-            out.append(f"| {ckpt} | " + " | ".join(row) + " |")
-        out.append("")
+    for title, key, fmt, lowest in TABLES:
+        for steps in sorted({int(r["steps"]) for r in rows if r[key] != ""}):
+            cells = [r for r in rows if int(r["steps"]) == steps and r[key] != ""]
+            cols = sorted({float(r[column]) for r in cells})
+            out += [f"## {steps} sampling steps: {title} by {column}", "",
+                    "| checkpoint | " + " | ".join(f"{column}={c:g}" for c in cols) + " |",
+                    "| --- |" + " ---: |" * len(cols)]
+            for ckpt in dict.fromkeys(label(r, run_name) for r in cells):
+                mine = {float(r[column]): r for r in cells if label(r, run_name) == ckpt}
+                best = min(float(r[key]) for r in mine.values()) if lowest else None
+                text = lambda r: (f"**{fmt}**" if float(r[key]) == best else fmt) % float(r[key]) + \
+                    (" ± " + fmt % float(r["kid_std"]) if key == "kid" else "")
+                out.append(f"| {ckpt} | " + " | ".join(text(mine[c]) if c in mine else "" for c in cols) + " |")
+            out.append("")
     return "\n".join(out)
 
 
 def plot(rows, column, path):
-    """FID against `column`, one line per checkpoint, sampler and step count; False when matplotlib is missing."""
+    """FID against `column`, one line per checkpoint, sampler and step count, and beside it, for the rows with them,
+    precision against recall, points labelled by w_eff: the fidelity/diversity trade-off that guidance moves along.
+    False when matplotlib is missing."""
     try:  # an optional dependency: the CSV and markdown are the results, the figure only shows them
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in dict.fromkeys((label(r, run_name), int(r["steps"])) for r in rows):
-        cells = sorted((float(r[column]), float(r["fid"])) for r in rows if (label(r, run_name), int(r["steps"])) == key)
-        ax.plot(*zip(*cells), marker="o", label=f"{key[0]}, {key[1]} steps")
-    ax.set(xlabel=column, ylabel="FID", title="FID by guidance scale")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    pr = [r for r in rows if r["precision"] != ""]
+    fig, axes = plt.subplots(1, 2 if pr else 1, figsize=(13 if pr else 7, 4.5), squeeze=False)
+    curve = lambda r: (label(r, run_name), int(r["steps"]))
+    for key in dict.fromkeys(map(curve, rows)):
+        cells = sorted((float(r[column]), float(r["fid"])) for r in rows if curve(r) == key)
+        axes[0, 0].plot(*zip(*cells), marker="o", label=f"{key[0]}, {key[1]} steps")
+    axes[0, 0].set(xlabel=column, ylabel="FID", title="FID by guidance scale")
+    for key in dict.fromkeys(map(curve, pr)):
+        cells = sorted((float(r["w_eff"]), float(r["recall"]), float(r["precision"])) for r in pr if curve(r) == key)
+        axes[0, 1].plot([c[1] for c in cells], [c[2] for c in cells], marker="o", label=f"{key[0]}, {key[1]} steps")
+        for w_eff, recall, precision in cells:
+            axes[0, 1].annotate(f"{w_eff:g}", (recall, precision), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7)
+    if pr:
+        axes[0, 1].set(xlabel="recall (diversity)", ylabel="precision (fidelity)",
+                       title="precision against recall, points labelled by w_eff")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
     return True
@@ -109,17 +135,23 @@ def plot(rows, column, path):
 
 def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train", out="sweep", eta=0.0, seed=0,
               clip_x0=True, batch_size=None, device="cpu", amp="auto", fid_batch_size=50, data_dir="data", weights=None,
-              sampler="ddim", v=0.3, guidance_interval=None, on_cell=None):
-    """Sample and score every checkpoint x steps x w cell not yet in out/results.csv; return all rows. Under torchrun
-    each rank draws its block of every cell's images and rank 0 alone scores them and writes; there on_cell(done,
-    total) runs once each cell is in results.csv."""
+              sampler="ddim", v=0.3, guidance_interval=None, kid=False, prdc=False, kid_subsets=100,
+              kid_subset_size=1000, on_cell=None):
+    """Sample and score every checkpoint x steps x w cell not yet in out/results.csv with the figures asked for (a
+    cell there without them is recomputed, and its row replaced); return all rows. Under torchrun each rank draws its
+    block of every cell's images and rank 0 alone scores them and writes; there on_cell(done, total) runs once each
+    cell is in results.csv."""
     if w_effs is None:
         ws = ws or [0.0]
     method = sampler_text(sampler, v, guidance_interval)
     fid.check_input(ref)  # every input is checked before any work, and before out/ is made
+    if kid and n < kid_subset_size:
+        raise FIDError(f"--kid-subset-size {kid_subset_size} is more than the --n {n} images of a cell: lower it to at "
+                       f"most {n}")
+    asked = METRICS[:2] * kid + METRICS[2:] * prdc
     csv_path = os.path.join(out, "results.csv")
     rows = read_results(csv_path)
-    done = set(map(cell_key, rows))
+    done = {cell_key(r) for r in rows if all(r[m] != "" for m in asked)}
     try:  # fail early on a bad file, not after hours of sampling; each model is loaded once, ~140 MB at the default size
         models = {path: load_checkpoint(path, device=device) for path in ckpts}
     except CheckpointError as e:
@@ -133,8 +165,15 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
                     raise FIDError(f"--w-eff {value:g} maps to w = {w:g} < -1 for {path}")
                 if cell_key(dict(checkpoint=path, w=w, steps=steps, eta=eta, n=n, ref=ref, **method)) not in done:
                     todo.append((path, steps, w))
-    os.makedirs(os.path.join(out, "grids"), exist_ok=True)
     main = rank_and_world()[0] == 0
+    if todo and main:  # the other ranks only sample, and wait for rank 0 in the next cell's gather
+        mu_ref, sigma_ref, n_ref, feats_ref = fid.input_statistics(ref, None, fid_batch_size, device, data_dir, weights,
+                                                                   features=kid or prdc)
+        if kid and n_ref < kid_subset_size:
+            raise FIDError(f"--kid-subset-size {kid_subset_size} is more than the {n_ref} images of {ref}: lower it to "
+                           f"at most {n_ref}")
+        inception = load_inception(weights, device)
+    os.makedirs(os.path.join(out, "grids"), exist_ok=True)
     if main:
         print(speed_line(device, *fast_path(device, amp)), file=sys.stderr)
         print(f"sweep: {len(todo)} cells to compute, {len(done)} already in {csv_path}", file=sys.stderr)
@@ -142,9 +181,6 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
     suffix = (f"_ancestral_v{v:g}" if sampler == "ancestral" else "") + \
         ("_interval%g-%g" % guidance_interval if guidance_interval else "")  # grid names; "" for DDIM over every step
     mine = lambda: [r for r in rows if (float(r["eta"]), int(r["n"]), r["ref"]) == (eta, n, ref)]
-    if todo and main:  # the other ranks only sample, and wait for rank 0 in the next cell's gather
-        inception = load_inception(weights, device)
-        mu_ref, sigma_ref, _ = fid.input_statistics(ref, inception, fid_batch_size, device, data_dir, weights)
     cost = lambda cell: cell[1] * (1 if cell[2] == 0 else 2)  # network evaluations per image
     total, spent, start = sum(map(cost, todo)), 0, time.time()
     for i, (path, steps, w) in enumerate(todo):
@@ -160,13 +196,16 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
         # NCHW in memory like one process's images: the Inception features' last bits depend on the layout
         images = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
         rate = n / (time.time() - t0)
-        mu, sigma = fid.feature_statistics(fid.inception_features(inception, images, fid_batch_size, device))
-        score = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        feats = fid.inception_features(inception, images, fid_batch_size, device)
+        score = fid.frechet_distance(*fid.feature_statistics(feats), mu_ref, sigma_ref)
+        scores = fid.feature_metrics(feats.astype(fid.FEATURES_DTYPE), feats_ref, kid, prdc, kid_subsets,
+                                     kid_subset_size, device)
         seconds = time.time() - t0
-        rows.append({"checkpoint": path, "loss": config["loss"], "w_train": "" if config["w"] is None else repr(config["w"]),
-                     "p_uncond": repr(config["p_uncond"]), "w": repr(float(w)), "w_eff": repr(float(effective_w(config, w))),
-                     "steps": steps, "eta": repr(float(eta)), "n": n, "ref": ref, "fid": repr(score), "seconds": repr(seconds),
-                     **method})
+        row = {"checkpoint": path, "loss": config["loss"], "w_train": "" if config["w"] is None else repr(config["w"]),
+               "p_uncond": repr(config["p_uncond"]), "w": repr(float(w)), "w_eff": repr(float(effective_w(config, w))),
+               "steps": steps, "eta": repr(float(eta)), "n": n, "ref": ref, "fid": repr(score), "seconds": repr(seconds),
+               **method, **{m: repr(scores[m]) if m in scores else "" for m in METRICS}}
+        rows = [r for r in rows if cell_key(r) != cell_key(row)] + [row]  # a cell recomputed for its metrics: one row
         tiles, nrow = class_grid(images, rows=min(n, config["unet"]["num_classes"]), max_cols=8)
         save_grid(tiles, os.path.join(out, "grids", f"{run_name(path)}_steps{steps}_w{w:g}{suffix}.png"), nrow)
         write_results(csv_path, rows)  # after the grid: a cell in results.csv, which a rerun skips, has its grid
@@ -175,7 +214,8 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
         write_atomic(os.path.join(out, "results.md"), lambda f: f.write(markdown(mine(), column).encode()))
         spent += cost(todo[i])
         eta_s = (time.time() - start) / spent * (total - spent)
-        print(f"[cell {i + 1}/{len(todo)}] {run_name(path)} steps={steps} w={w:g}: FID {score:.4f} (n={n}) "
+        extra = "".join(f", {m} {scores[m]:.4g}" for m in METRICS if m in scores and m != "kid_std")
+        print(f"[cell {i + 1}/{len(todo)}] {run_name(path)} steps={steps} w={w:g}: FID {score:.4f}{extra} (n={n}) "
               f"{rate:.1f} img/s, {seconds:.1f} s; sweep ETA {eta_s / 60:.1f} min", file=sys.stderr)
     if main and mine() and not plot(mine(), column, os.path.join(out, "results.png")):
         print("sweep: matplotlib is not installed, so results.png was not drawn (pip install matplotlib)", file=sys.stderr)
@@ -209,6 +249,11 @@ def main(argv=None):
                    help="auto (cuda when there is one), cpu, cuda, cuda:N")
     p.add_argument("--weights", type=existing_file, help="FID Inception weights (see fid.py --help)")
     p.add_argument("--data-dir", type=output_dir, default="data", help="where CIFAR-10 and its cached statistics live")
+    p.add_argument("--kid", action="store_true", help="also KID on every row (the reference needs features: fid.py)")
+    p.add_argument("--kid-subsets", type=number(int, lo=1), default=100, help="KID's random subsets (>= 1)")
+    p.add_argument("--kid-subset-size", type=number(int, lo=2), default=1000, help="features of each input in a KID "
+                   "subset (>= 2, at most --n and the reference's count)")
+    p.add_argument("--prdc", action="store_true", help="also precision, recall (k = 3), density and coverage (k = 5)")
     args = p.parse_args(argv)
     device = init_distributed(args.device)  # a plain run: args.device
     csv_path = os.path.join(args.out, "results.csv")
@@ -222,7 +267,8 @@ def main(argv=None):
                       ref=args.ref, out=args.out, eta=args.eta, seed=args.seed, clip_x0=not args.no_clip,
                       batch_size=args.batch_size, device=device, amp=args.amp, fid_batch_size=args.fid_batch_size,
                       data_dir=args.data_dir, weights=args.weights, sampler=args.sampler, v=args.v,
-                      guidance_interval=args.guidance_interval, on_cell=on_cell)
+                      guidance_interval=args.guidance_interval, kid=args.kid, prdc=args.prdc,
+                      kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, on_cell=on_cell)
     except FIDError as e:
         p.error(str(e))
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.spatial.distance
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -32,6 +33,7 @@ import data
 import distributed
 import fid
 import inception
+import metrics
 import runtime
 import sample
 import sweep
@@ -532,8 +534,9 @@ def test_unet_learns_a_fixed_batch():
 # status 2 and one line on stderr, before any work and before any output is opened. The table is also the reference of
 # what each flag accepts. Paths: {missing} does not exist, {dir} is a folder, {file} a text file, {empty} a 0-byte file,
 # {cut} a checkpoint cut in half, {foreign} a torch file without a config; {nan}, {shape}, {huge}, {cutnpz}, {emptynpz}
-# and {textnpz} bad statistics .npz files, {small} 4-d statistics, {stats} good 8-d ones; {imgs} a class folder, empty
-# (a row that got past the checks would stop at "holds no images" rather than train).
+# and {textnpz} bad statistics .npz files, {small} 4-d statistics without features, {stats} good 8-d ones with 8
+# features; {imgs} a class folder, empty (a row that got past the checks would stop at "holds no images" rather than
+# train).
 FLAG_TABLE = [
     # train.py: method
     ("train", ["--loss", "l2"], "argument --loss: invalid choice: 'l2'"),
@@ -649,6 +652,18 @@ FLAG_TABLE = [
     ("fid", ["--weights", "{dir}"], "argument --weights: {dir} is a directory, expected a file"),
     ("fid", ["--weights", "{empty}"], "argument --weights: {empty} is empty"),
     ("fid", ["--data-dir", "{file}"], "argument --data-dir: {file} is a file, expected a directory"),
+    # fid.py: KID, precision/recall, density/coverage ({stats} holds 8 features, {small} none)
+    ("fid", ["--kid=1"], "argument --kid: ignored explicit argument '1'"),
+    ("fid", ["--prdc=1"], "argument --prdc: ignored explicit argument '1'"),
+    ("fid", ["--kid-subsets", "0"], "argument --kid-subsets: expected an integer >= 1, got '0'"),
+    ("fid", ["--kid-subset-size", "1"], "argument --kid-subset-size: expected an integer >= 2, got '1'"),
+    ("fid", ["{stats}", "--kid"], "--kid-subset-size 1000 is more than the 8 images of {stats}: lower it to at most 8"),
+    ("fid", ["{small}", "--prdc"], "{small} holds statistics but no features, which KID, precision/recall and "
+                                   "density/coverage need: pass the images, or write a file with them: python fid.py "
+                                   "IMAGES --save-stats OUT.npz --with-features"),
+    ("fid", ["--with-features"], "--with-features keeps features in the --save-stats file: give --save-stats OUT.npz"),
+    ("fid", ["--save-stats", "{dir}/out.npz", "--kid"], "--kid and --prdc compare two inputs, --save-stats writes one "
+                                                        "input's statistics: not both"),
     # sweep.py
     ("sweep", ["--ckpt", "{missing}"], "argument --ckpt: {missing}: no such file"),
     ("sweep", ["--ckpt", "{ckpt}", "{dir}"], "argument --ckpt: {dir} is a directory, expected a file"),
@@ -677,6 +692,14 @@ FLAG_TABLE = [
     ("sweep", ["--device", "gpu0"], "argument --device: unknown device 'gpu0'"),
     ("sweep", ["--weights", "{missing}"], "argument --weights: {missing}: no such file"),
     ("sweep", ["--data-dir", "{file}"], "argument --data-dir: {file} is a file, expected a directory"),
+    ("sweep", ["--kid=1"], "argument --kid: ignored explicit argument '1'"),
+    ("sweep", ["--prdc=1"], "argument --prdc: ignored explicit argument '1'"),
+    ("sweep", ["--kid-subsets", "0"], "argument --kid-subsets: expected an integer >= 1, got '0'"),
+    ("sweep", ["--kid-subset-size", "1"], "argument --kid-subset-size: expected an integer >= 2, got '1'"),
+    ("sweep", ["--kid"], "--kid-subset-size 1000 is more than the --n 2 images of a cell: lower it to at most 2"),
+    ("sweep", ["--kid", "--n", "10", "--kid-subset-size", "9"], "--kid-subset-size 9 is more than the 8 images of "
+                                                                "{stats}: lower it to at most 8"),
+    ("sweep", ["--prdc", "--ref", "{small}"], "{small} holds statistics but no features"),
     # bench.py
     ("bench", ["--what", "everything"], "argument --what: invalid choice: 'everything'"),
     ("bench", ["--device", "gpu0"], "argument --device: unknown device 'gpu0'"),
@@ -732,7 +755,7 @@ def flag_paths(tmp_path_factory, sample_ckpt):
     whole = Path(sample_ckpt).read_bytes()
     (root / "cut.pt").write_bytes(whole[:len(whole) // 2])
     torch.save({"state_dict": {}}, root / "foreign.pt")
-    fid.save_statistics(root / "stats.npz", np.zeros(8), np.eye(8))
+    fid.save_statistics(root / "stats.npz", np.zeros(8), np.eye(8), features=np.eye(8))
     fid.save_statistics(root / "small.npz", np.zeros(4), np.eye(4))
     np.savez(root / "nan.npz", mu=np.full(8, np.nan), sigma=np.eye(8))
     np.savez(root / "shape.npz", mu=np.zeros(8), sigma=np.eye(7))
@@ -799,7 +822,7 @@ def test_readme_documents_training():
 
 # every non-test module, by floor: a module imports only modules on lower floors (so no circle)
 FLOORS = {"runtime": 0, "distributed": 0, "flags": 0, "model": 0, "diffusion": 0, "losses": 1, "data": 1, "inception": 1,
-          "sample": 2, "fid": 2, "train": 3, "sweep": 3, "bench": 3, "toy": 3}
+          "metrics": 1, "sample": 2, "fid": 2, "train": 3, "sweep": 3, "bench": 3, "toy": 3}
 
 
 def _project_imports(path):
@@ -838,6 +861,88 @@ def test_ci_runs_the_readme_test_command():
     here = Path(__file__).parent
     command = (here / ".ci/run").read_text().strip().splitlines()[-1]
     assert "pytest" in command and "    " + command + "\n" in (here / "README.md").read_text()
+
+
+# ---- metrics.py ----
+
+
+def _metrics_clusters(centres, per, seed=0, d=8):
+    """`per` points around each of `centres` unit-Gaussian clusters 40 apart: every k-NN ball stays in its cluster."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([40 * c + rng.normal(size=(per, d)) for c in np.eye(d)[:centres]])
+
+
+def _metrics_brute_force(x, y, k_pr=3, k_dc=5):
+    """The four k-NN metrics straight from their definitions, on the full float64 distance matrices."""
+    dxy, rx, ry = scipy.spatial.distance.cdist(x, y), np.sort(scipy.spatial.distance.cdist(x, x), 1), \
+        np.sort(scipy.spatial.distance.cdist(y, y), 1)  # column 0 of a sorted row: the point itself
+    return {"precision": (dxy <= ry[:, k_pr]).any(1).mean(), "recall": (dxy <= rx[:, k_pr, None]).any(0).mean(),
+            "density": (dxy < ry[:, k_dc]).sum() / (k_dc * len(x)), "coverage": (dxy.min(0) < ry[:, k_dc]).mean()}
+
+
+def _metrics_expected_kernel(a, b, d):
+    """E (x.y / d + 1)^3 for independent x ~ N(a 1, I_d), y ~ N(b 1, I_d): x.y sums d independent products x_i y_i
+    whose first three moments are a b, (a^2 + 1)(b^2 + 1) and (a^3 + 3a)(b^3 + 3b), so its cumulants are d times
+    theirs."""
+    m1, m2, m3 = a * b, (a * a + 1) * (b * b + 1), (a ** 3 + 3 * a) * (b ** 3 + 3 * b)
+    k1, k2, k3 = d * m1, d * (m2 - m1 ** 2), d * (m3 - 3 * m1 * m2 + 2 * m1 ** 3)
+    ez, ez2, ez3 = k1, k2 + k1 ** 2, k3 + 3 * k2 * k1 + k1 ** 3
+    return ez3 / d ** 3 + 3 * ez2 / d ** 2 + 3 * ez / d + 1
+
+
+def test_metrics_identical_sets_separated_sets_and_half_the_clusters():
+    ref = _metrics_clusters(4, 20)
+    # identical: every point is inside its own ball, so precision, recall and coverage are 1; each ball of radius
+    # "distance to the 5th neighbour" holds its centre and 4 nearer points strictly inside, so density is 5 / 5 = 1
+    assert metrics.prdc(ref, ref) == {"precision": 1, "recall": 1, "density": 1, "coverage": 1}
+    # 40 apart with unit spread: no distance between the sets comes near a radius, so every figure is 0
+    assert metrics.prdc(ref + 40, ref) == {"precision": 0, "recall": 0, "density": 0, "coverage": 0}
+    # samples = the reference points of 2 of its 4 clusters: each sample is a reference point (precision 1), the
+    # reference's other 2 clusters are neither reached nor covered (recall, coverage 1/2), and the covered half is as
+    # dense as the reference (density 1, by the count above)
+    assert metrics.prdc(ref[:40], ref, chunk=7) == {"precision": 1, "recall": 0.5, "density": 1, "coverage": 0.5}
+
+
+@pytest.mark.parametrize("kind", ["continuous", "integer"])
+def test_metrics_prdc_matches_the_definitions_in_float64(kind):
+    rng = np.random.default_rng(1)
+    if kind == "integer":  # small integers: float32 is exact, so ties sit on the balls' edges and <= vs < is tested
+        x, y = rng.integers(0, 5, (60, 3)).astype(float), rng.integers(0, 4, (70, 3)).astype(float)
+    else:
+        x, y = rng.normal(size=(60, 16)), rng.normal(0.3, 1.2, size=(70, 16))
+    ours, brute = metrics.prdc(x, y, chunk=7), _metrics_brute_force(x, y)  # 7: blocks that do not divide the sets
+    assert ours == pytest.approx(brute, abs=1e-12)
+    assert 0 < brute["precision"] < 1 and 0 < brute["recall"] < 1 and brute["density"] != 1  # not a trivial case
+    radii = metrics.knn_radii(torch.as_tensor(y, dtype=torch.float32), 3, chunk=7)
+    np.testing.assert_allclose(radii.sqrt().numpy()[:, 1:], np.sort(scipy.spatial.distance.cdist(y, y), 1)[:, 1:4],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="3-nearest-neighbour balls need more than 3 features, got 3"):
+        metrics.prdc(x[:3], y)
+
+
+def test_metrics_kid_closed_forms_and_subsets():
+    rng = np.random.default_rng(2)
+    d, delta = 4, 0.5
+    x, y = rng.normal(size=(50000, d)), rng.normal(delta, 1, size=(50000, d))
+    # shifted: the population MMD^2 is E k(x, x') + E k(y, y') - 2 E k(x, y), each in closed form (1.328 here). The
+    # 100 subsets of 500 hardly overlap in 50,000, so their mean is within 3 std / sqrt(100) of it
+    expected = _metrics_expected_kernel(0, 0, d) + _metrics_expected_kernel(delta, delta, d) \
+        - 2 * _metrics_expected_kernel(0, delta, d)
+    mean, std = metrics.kid(x, y, subsets=100, subset_size=500)
+    assert abs(mean - expected) < 0.3 * std and 0.1 < std < 0.3, (mean, std, expected)
+    # two halves of one Gaussian sample: the unbiased estimate is 0 within its spread
+    mean, std = metrics.kid(x[:25000], x[25000:], subsets=100, subset_size=500)
+    assert abs(mean) < 0.3 * std and std > 0
+    # a subset as large as the inputs is the whole set in another order, whatever the seed: every estimate is the
+    # same, the direct formula's
+    a, b = x[:300], y[:200] + x[300:500]
+    kxx, kyy, kxy = ((p @ q.T / d + 1) ** 3 for p, q in ((a[:200], a[:200]), (b, b), (a[:200], b)))
+    direct = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (200 * 199) - 2 * kxy.mean()
+    for seed in (0, 1):
+        mean, std = metrics.kid(a[:200], b, subsets=4, subset_size=200, seed=seed)
+        assert mean == pytest.approx(direct, rel=1e-5) and std < 1e-9
+    with pytest.raises(ValueError, match="a KID subset of 201 features needs that many in each input, got 300 and 200"):
+        metrics.kid(a, b, subset_size=201)
 
 
 # ---- fid.py ----
@@ -978,24 +1083,29 @@ def test_fid_exact_fp32_switches_tf32_off_and_restores():
 
 
 @fid_needs_helper
-def test_fid_folder_npz_and_stats_inputs_agree(tmp_path, capsys):
+def test_fid_folder_npz_and_stats_inputs_agree(tmp_path, capsys, monkeypatch):
     imgs = _fid_images(3, seed=5)
     _fid_write_folder(tmp_path / "folder", imgs)
     np.savez(tmp_path / "adm.npz", arr_0=imgs[[0, 2, 1]])
     # the folder is searched recursively and sorted: class0/ (images 0, 2) before class1/ (image 1)
     assert np.array_equal(fid.load_images(tmp_path / "folder"), imgs[[0, 2, 1]])
-    fid.main([str(tmp_path / "folder"), "--save-stats", str(tmp_path / "s" / "stats.npz")])
-    mu_n, sigma_n, n_n = fid.input_statistics(tmp_path / "adm.npz", progress=False)
+    outputs, features = [], fid.inception_features
+    monkeypatch.setattr(fid, "inception_features", lambda *a, **k: outputs.append(features(*a, **k)) or outputs[-1])
+    fid.main([str(tmp_path / "folder"), "--save-stats", str(tmp_path / "s" / "stats.npz"), "--with-features"])
+    mu_n, sigma_n, n_n, feats_n = fid.input_statistics(tmp_path / "adm.npz", progress=False, features=True)
     out, err = capsys.readouterr()
     assert "FID" not in out and err.count("rank-deficient") == 2
     assert os.listdir(tmp_path / "s") == ["stats.npz"]  # no temporary file left behind
-    with np.load(tmp_path / "s" / "stats.npz") as f:  # what pytorch-fid reads
-        mu_f, sigma_f = f["mu"], f["sigma"]
+    with np.load(tmp_path / "s" / "stats.npz") as f:  # what pytorch-fid reads, and the features beside
+        mu_f, sigma_f, feats_f = f["mu"], f["sigma"], f["features"]
     assert mu_f.shape == (2048,) and sigma_f.shape == (2048, 2048) and np.abs(sigma_f).max() > 0
     np.testing.assert_allclose(mu_f, mu_n, rtol=0, atol=1e-12)
     np.testing.assert_allclose(sigma_f, sigma_n, rtol=0, atol=1e-12)
-    mu_s, sigma_s, n_s = fid.input_statistics(tmp_path / "s" / "stats.npz")
+    assert feats_f.dtype == np.float16 and np.array_equal(feats_f, outputs[0].astype(np.float16))
+    assert np.array_equal(feats_n, feats_f)  # rounded alike from images and from a file: the same figures either way
+    mu_s, sigma_s, n_s, feats_s = fid.input_statistics(tmp_path / "s" / "stats.npz", features=True)
     assert n_s == n_n == 3 and np.array_equal(mu_s, mu_f) and np.array_equal(sigma_s, sigma_f)
+    assert np.array_equal(feats_s, feats_f)
 
 
 @fid_needs_helper
@@ -1007,11 +1117,15 @@ def test_fid_cifar10_input_uses_the_data_loader_and_caches(tmp_path, monkeypatch
         return _fid_images(3, seed=6), np.zeros(3, dtype=np.int64), [f"c{i}" for i in range(10)]
 
     monkeypatch.setattr(fid, "load_cifar10", load_cifar10)
-    mu, sigma, n = fid.input_statistics("cifar10-test", data_dir=str(tmp_path), progress=False)  # warns: 3 images
+    mu, sigma, n, _ = fid.input_statistics("cifar10-test", data_dir=str(tmp_path), progress=False)  # warns: 3 images
     assert calls == [("test", str(tmp_path))] and n == 3
-    assert (tmp_path / "fid_stats_cifar10-test.npz").is_file()
-    mu2, sigma2, n2 = fid.input_statistics("cifar10-test", data_dir=str(tmp_path))
+    cache = tmp_path / "fid_stats_cifar10-test.npz"
+    mu2, sigma2, n2, feats = fid.input_statistics("cifar10-test", data_dir=str(tmp_path), features=True)
     assert len(calls) == 1 and n2 == 3 and np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+    assert feats.shape == (3, 2048) and feats.dtype == np.float16  # the cache keeps the features
+    fid.save_statistics(cache, mu, sigma, 3)  # a cache from before the features: recomputed when they are asked for
+    assert np.array_equal(fid.input_statistics("cifar10-test", data_dir=str(tmp_path), features=True)[3], feats)
+    assert len(calls) == 2 and np.array_equal(fid.load_statistics(cache, features=True)[3], feats)
 
     def offline(split, data_dir="data"):
         raise OSError("network unreachable")
@@ -1099,6 +1213,28 @@ def test_fid_wrong_weights_file_exit_2(tmp_path, capsys):
         assert message in err
 
 
+def test_fid_kid_and_prdc_lines_above_the_fid_line(tmp_path, capsys):
+    rng = np.random.default_rng(13)
+    feats = {"a.npz": rng.normal(size=(50, 8)), "b.npz": rng.normal(0.5, 1, size=(60, 8)),
+             "c.npz": rng.normal(size=(30, 8))}
+    for name, f in feats.items():
+        fid.save_statistics(tmp_path / name, *fid.feature_statistics(f), len(f), f)
+    a, b = (str(tmp_path / name) for name in ("a.npz", "b.npz"))
+    fid.main([a, b, "--kid", "--prdc", "--kid-subset-size", "40", "--kid-subsets", "7"])
+    x, y = feats["a.npz"].astype(np.float16), feats["b.npz"].astype(np.float16)  # as the files hold them
+    mean, std = metrics.kid(x, y, subsets=7, subset_size=40)
+    scores = metrics.prdc(x, y)
+    (mu1, s1, _, _), (mu2, s2, _, _) = fid.load_statistics(a), fid.load_statistics(b)
+    assert capsys.readouterr().out.splitlines() == [
+        f"{a}: 50 images", f"{b}: 60 images", f"KID: {mean:.6f} ± {std:.6f}",
+        *(f"{m}: {scores[m]:.4f}" for m in ("precision", "recall", "density", "coverage")),
+        f"FID: {fid.frechet_distance(mu1, s1, mu2, s2):.4f}"]
+    assert mean > 3 * std and 0 < scores["precision"] < 1  # a shift of 0.5 is seen
+    c = str(tmp_path / "c.npz")  # the reference too small for a subset, refused before any figure is printed
+    assert _fid_main_error([a, c, "--kid", "--kid-subset-size", "40"], capsys).endswith(
+        f" error: --kid-subset-size 40 is more than the 30 images of {c}: lower it to at most 30")
+
+
 def test_fid_cli_in_a_subprocess(tmp_path):
     rng = np.random.default_rng(12)
     for name, n in [("a.npz", 50), ("b.npz", 60)]:
@@ -1108,7 +1244,7 @@ def test_fid_cli_in_a_subprocess(tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     assert lines[:2] == ["a.npz: 50 images", "b.npz: 60 images"]
-    (mu1, s1, _), (mu2, s2, _) = fid.load_statistics(tmp_path / "a.npz"), fid.load_statistics(tmp_path / "b.npz")
+    (mu1, s1, _, _), (mu2, s2, _, _) = fid.load_statistics(tmp_path / "a.npz"), fid.load_statistics(tmp_path / "b.npz")
     assert lines[-1] == f"FID: {fid.frechet_distance(mu1, s1, mu2, s2):.4f}"
     run = subprocess.run([sys.executable, script], cwd=tmp_path, capture_output=True, text=True)  # the defaults
     assert run.returncode == 2 and run.stdout == ""
@@ -1842,7 +1978,9 @@ def test_sweep_writes_results_and_resumes_only_missing_cells(tmp_path):
     assert "[cell 4/4]" in run.stderr and "img/s" in run.stderr and "ETA" in run.stderr
 
     header, rows, lines = _sweep_csv(out / "results.csv")
-    assert header == "checkpoint,loss,w_train,p_uncond,w,w_eff,steps,eta,n,ref,fid,seconds,sampler,v,interval"
+    assert header == "checkpoint,loss,w_train,p_uncond,w,w_eff,steps,eta,n,ref,fid,seconds,sampler,v,interval," \
+                     "kid,kid_std,precision,recall,density,coverage"
+    assert all(r[m] == "" for r in rows for m in sweep.METRICS)  # not asked for
     assert all((r["sampler"], r["v"], r["interval"]) == ("ddim", "", "") for r in rows)
     assert [(r["checkpoint"], r["loss"], r["w_train"], float(r["w"]), float(r["w_eff"])) for r in rows] == [
         (ckpts[0], "standard", "", 0.0, 0.0), (ckpts[0], "standard", "", 2.0, 2.0),
@@ -1942,6 +2080,46 @@ def test_sweep_sampler_columns_are_part_of_the_resume_key(tmp_path, capsys, monk
     sweep.main(ancestral)
     with Image.open(out / "results.png") as im:
         assert im.size[0] > 300 and im.size[1] > 200
+
+
+@pytest.mark.filterwarnings("ignore:only")  # 4 samples, 12 reference features: rank-deficient, as intended
+def test_sweep_kid_prdc_columns_tables_panel_and_an_old_csv(tmp_path, capsys, monkeypatch):
+    ckpts, _ = _sweep_setup(tmp_path)
+    # the plumbing is under test, not Inception: 16 pixels of each image stand in for its features, so FID is cheap
+    cells = []
+    monkeypatch.setattr(fid, "inception_features", lambda model, images, *a, **k: cells.append(
+        images.reshape(len(images), -1)[:, :16] / 255.0) or cells[-1])
+    ref_feats = np.random.default_rng(14).uniform(size=(12, 16))
+    ref = tmp_path / "ref_feats.npz"
+    fid.save_statistics(ref, *fid.feature_statistics(ref_feats), 12, ref_feats)
+    out = tmp_path / "s"
+    base = ["--ckpt", ckpts[1], "--steps", "1", "--n", "4", "--ref", str(ref), "--out", str(out)]
+    sweep.main([*base, "--w", "0,2", "--kid", "--kid-subset-size", "4", "--kid-subsets", "3", "--prdc"])
+    _, rows, _ = _sweep_csv(out / "results.csv")
+    assert len(rows) == len(cells) == 2
+    for row, feats in zip(rows, cells):  # each row's figures: its cell's features against the reference's, as stored
+        x, y = feats.astype(np.float16), ref_feats.astype(np.float16)
+        assert (float(row["kid"]), float(row["kid_std"])) == metrics.kid(x, y, subsets=3, subset_size=4)
+        assert {m: float(row[m]) for m in sweep.METRICS[2:]} == metrics.prdc(x, y)
+    md = (out / "results.md").read_text()
+    for title in ("FID", "KID", "precision", "recall", "density", "coverage"):
+        assert f"## 1 sampling steps: {title} by w" in md
+    best = min(rows, key=lambda r: float(r["kid"]))
+    assert md.count(" ± ") == 2 and f"**{float(best['kid']):.5f}** ± {float(best['kid_std']):.5f}" in md
+    if importlib.util.find_spec("matplotlib"):
+        with Image.open(out / "results.png") as im:
+            assert im.size[0] > 1.5 * im.size[1]  # two panels side by side: FID by w, precision against recall
+    # an old results.csv, from before the metrics columns: it resumes as it is; --prdc recomputes a cell without them
+    old = sweep.HEADER[:-len(sweep.METRICS)]
+    (out / "results.csv").write_text("".join(",".join(r.get(c, c) for c in old) + "\n" for r in [{}, *rows]))
+    capsys.readouterr()
+    sweep.main([*base, "--w", "0,2"])
+    assert "0 cells to compute, 2 already" in capsys.readouterr().err
+    sweep.main([*base, "--w", "2", "--prdc"])
+    assert "1 cells to compute, 0 already" in capsys.readouterr().err
+    _, again, _ = _sweep_csv(out / "results.csv")  # still one row a cell; the same noise, the same figures
+    assert [r["w"] for r in again] == ["0.0", "2.0"] and again[0]["precision"] == again[1]["kid"] == ""
+    assert (again[1]["fid"], again[1]["precision"]) == (rows[1]["fid"], rows[1]["precision"])
 
 
 @pytest.mark.parametrize("extra, message", [
