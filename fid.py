@@ -149,16 +149,24 @@ def check_input(source):
         raise FIDError(f"{source}: no such image folder or .npz file (the other inputs: {', '.join(CIFAR10)})")
 
 
-def load_images(source, data_dir="data"):
-    """uint8 [N, H, W, 3] from an image folder (searched recursively), an ADM .npz (arr_0) or cifar10-train/test."""
+def load_images(source, data_dir="data", n=None):
+    """uint8 [N, H, W, 3] from an image folder (searched recursively), an ADM .npz (arr_0) or cifar10-train/test.
+
+    n: at most n of them, drawn without replacement from a fixed seed and kept in their order, so that a quick FID
+    against, say, 1,000 CIFAR-10 test images means the same 1,000 every time (a folder sorted by class, cut to its
+    first n, would hold one class)."""
     check_input(source)
     path = Path(source)
     try:
         if source in CIFAR10:
-            return load_cifar10(source.split("-")[1], data_dir=data_dir)[0]
-        return load_image_folder(path, labelled=False) if path.is_dir() else load_npz_images(path)
+            images = load_cifar10(source.split("-")[1], data_dir=data_dir)[0]
+        else:
+            images = load_image_folder(path, labelled=False) if path.is_dir() else load_npz_images(path)
     except (OSError, ValueError) as e:  # no network, a bad download, an unreadable file
         raise FIDError(f"cannot load {source}: {e}" if source in CIFAR10 else str(e)) from None
+    if n is not None and len(images) > n:
+        images = images[np.sort(np.random.default_rng(0).choice(len(images), n, replace=False))]
+    return images
 
 
 def load_statistics(path, features=False):
@@ -197,12 +205,15 @@ def save_statistics(path, mu, sigma, n=None, features=None):
 
 
 def input_statistics(source, model=None, batch_size=50, device="cpu", data_dir="data", weights=None,
-                     progress=True, features=False):
+                     progress=True, features=False, max_images=None):
     """(mu, sigma, n, feats) of any input: n is None for a statistics file that does not record it; feats, the
-    Inception features as FEATURES_DTYPE [n, 2048], is None unless features=True, and then never."""
+    Inception features as FEATURES_DTYPE [n, 2048], is None unless features=True, and then never. max_images: at most
+    that many of an input's images (load_images' n; a statistics file is used whole, and the CIFAR-10 cache, which
+    holds all the images, is then neither read nor written)."""
     source = str(source)
     cache = Path(data_dir) / f"fid_stats_{source}.npz"
-    if source in CIFAR10 and cache.exists():
+    whole = source in CIFAR10 and max_images is None
+    if whole and cache.exists():
         stats = load_statistics(cache, features)
         if not features or stats[3] is not None:
             return stats
@@ -215,13 +226,13 @@ def input_statistics(source, model=None, batch_size=50, device="cpu", data_dir="
                                f"density/coverage need: pass the images, or write a file with them: python fid.py "
                                f"IMAGES --save-stats OUT.npz --with-features")
             return stats
-    images = load_images(source, data_dir)
+    images = load_images(source, data_dir, max_images)
     if len(images) < 2:
         raise FIDError(f"{source}: FID needs at least 2 images, got {len(images)}")
     model = model if model is not None else load_inception(weights, device)
     feats = inception_features(model, images, batch_size, device, progress=progress)
     mu, sigma = feature_statistics(feats)
-    if source in CIFAR10:  # the real data's statistics and features are computed once and kept beside it
+    if whole:  # the real data's statistics and features are computed once and kept beside it
         save_statistics(cache, mu, sigma, len(images), feats)
     return mu, sigma, len(images), feats.astype(FEATURES_DTYPE) if features else None
 
@@ -265,6 +276,8 @@ def main(argv=None):
     p.add_argument("--prdc", action="store_true", help="also precision, recall (k = 3), density and coverage (k = 5)")
     p.add_argument("--is", dest="inception_score", action="store_true",
                    help="also the Inception Score (10 splits) of the first input; needs classifier weights")
+    p.add_argument("--n", type=number(int, lo=2), help="at most N images of each image input, drawn at random from a "
+                   "fixed seed (>= 2; default: all), for a quick FID against part of a large reference")
     p.add_argument("--batch-size", type=number(int, lo=1), default=50, help="images per forward pass (>= 1; default 50)")
     p.add_argument("--device", type=pick_device, default="auto",
                    help="auto (cuda when there is one), cpu, cuda, cuda:N (default auto)")
@@ -297,12 +310,12 @@ def main(argv=None):
 def run(args, inputs, device):
     features = args.kid or args.prdc or args.with_features
     kw = dict(batch_size=args.batch_size, device=device, data_dir=args.data_dir, weights=args.weights,
-              features=features)
+              features=features, max_images=args.n)
     stats = []
     for i, source in enumerate(inputs):
         if i == 0 and args.inception_score:
             model = load_inception(args.weights, device)
-            images = load_images(source, args.data_dir)
+            images = load_images(source, args.data_dir, args.n)
             feats, logits = inception_features(model, images, args.batch_size, device, logits=True)
             mean, std = inception_score(logits)
             print(f"IS: {mean:.4f} +- {std:.4f} ({len(images)} images)")

@@ -708,6 +708,7 @@ FLAG_TABLE = [
     ("bench", ["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
     ("bench", ["--iters", "0"], "argument --iters: expected an integer >= 1, got '0'"),
     ("bench", ["--sample-steps", "0"], "argument --sample-steps: expected an integer >= 1, got '0'"),
+    ("fid", ["{stats}", "--n", "1"], "argument --n: expected an integer >= 2, got '1'"),
     ("bench", ["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
     ("bench", ["--channels-last", "yes"], "argument --channels-last: invalid choice: 'yes'"),
     ("bench", ["--networks", "small,huge"], "argument --networks: expected a comma list of default, small, inception, got 'huge'"),
@@ -1126,6 +1127,13 @@ def test_fid_cifar10_input_uses_the_data_loader_and_caches(tmp_path, monkeypatch
     fid.save_statistics(cache, mu, sigma, 3)  # a cache from before the features: recomputed when they are asked for
     assert np.array_equal(fid.input_statistics("cifar10-test", data_dir=str(tmp_path), features=True)[3], feats)
     assert len(calls) == 2 and np.array_equal(fid.load_statistics(cache, features=True)[3], feats)
+    cache.unlink()
+    mu3, _, n3, _ = fid.input_statistics("cifar10-test", data_dir=str(tmp_path), progress=False, max_images=2)
+    assert n3 == 2 and not cache.exists()  # part of the images: the cache of all of them is not written
+    every, part = _fid_images(3, seed=6), fid.load_images("cifar10-test", str(tmp_path), n=2)
+    picked = [next(i for i in range(3) if np.array_equal(every[i], img)) for img in part]  # 2 of the 3, in their order
+    assert len(part) == 2 and picked == sorted(set(picked))
+    assert np.array_equal(fid.load_images("cifar10-test", str(tmp_path), n=2), part)  # the same 2 each time
 
     def offline(split, data_dir="data"):
         raise OSError("network unreachable")
