@@ -3,6 +3,7 @@
     python bench.py                      # train (all three losses), sample and FID features on the default device
     python bench.py --what train --batch-size 128 --iters 50
     python bench.py --what cpu-table     # every loss, sampling and FID in fp32/bf16 x NCHW/channels_last, with ratios
+    python bench.py --what quality --ckpt runs/first/ckpt.pt --ref REF   # does bf16 sampling change FID and KID?
 
 Training runs the real losses with train.py's speed settings (runtime.fast_path: bf16 autocast in channels_last on
 CUDA and on a CPU with bf16 hardware, else fp32 NCHW; --amp and --channels-last override it; the guidance-free loss
@@ -18,13 +19,14 @@ import numpy as np
 import torch
 
 import fid
+import metrics
 from diffusion import Schedule
-from inception import FIDInceptionV3
-from flags import AMP, number, parser, some_of
+from inception import FIDError, FIDInceptionV3, load_inception
+from flags import AMP, existing_file, number, parser, some_of
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
 from runtime import autocast, fast_path, native_bf16, pick_device, speed_line
-from sample import sample_images
+from sample import CheckpointError, balanced_labels, load_checkpoint, sample_checkpoint, sample_images
 
 # the two networks of the CPU table: the default U-Net (35.75M) and the small one of a CPU run (1.07M), with the
 # batches they are timed at on 2 CPU cores (training, and images per guided sampling step)
@@ -116,10 +118,42 @@ def cpu_table(networks, configs, repeats, steps, device, batch=None):
     return "\n".join(lines)
 
 
+def quality(ckpt, ref, n, steps, w, device, fid_batch):
+    """Does bf16 sampling change what is measured? FID and KID against ref of n images sampled from ckpt in fp32 from
+    seeds 0.., in fp32 from seeds n.. (another draw: the noise floor) and in bf16 from seeds 0.., as markdown lines.
+    bf16 passes when its distance to the fp32 set of the same seeds is below the distance between the two fp32 draws."""
+    fid.check_input(ref)
+    model, config = load_checkpoint(ckpt, device)
+    labels, inception = balanced_labels(n, config["unet"]["num_classes"]), load_inception(None, device)
+    mu_ref, sigma_ref, _, feats_ref = fid.input_statistics(ref, inception, device=device, features=True)
+    subset = min(1000, n, len(feats_ref))
+    lines, scores = [f"{n} images, {steps} DDIM steps, w = {w:g}, KID over 100 subsets of {subset}", "",
+                     "| sampled in | seeds | FID | KID |", "|---|---|---:|---:|"], {}
+    for amp, seed in [("none", 0), ("none", n), ("bf16", 0)]:
+        t0 = time.perf_counter()
+        images = sample_checkpoint(model, config, labels, w=w, steps=steps, seed=seed, device=device, amp=amp)
+        feats = fid.inception_features(inception, images, fid_batch, device, progress=False)
+        mu, sigma = fid.feature_statistics(feats)
+        scores[amp, seed] = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref), *metrics.kid(feats, feats_ref, 100, subset)
+        lines.append(f"| {'fp32' if amp == 'none' else amp} | {seed}..{seed + n - 1} | {scores[amp, seed][0]:.2f} | "
+                     f"{scores[amp, seed][1]:.5f} ± {scores[amp, seed][2]:.5f} |")
+        print(f"quality: {amp} from seed {seed} took {time.perf_counter() - t0:.0f} s", flush=True)
+    (f0, k0, _), (f1, k1, _), (fb, kb, _) = scores.values()
+    lines += ["", f"bf16 - fp32 (same seeds): FID {fb - f0:+.2f}, KID {kb - k0:+.5f}; fp32 seeds {n}.. - seeds 0..: "
+              f"FID {f1 - f0:+.2f}, KID {k1 - k0:+.5f}; bf16 {'is' if abs(fb - f0) < abs(f1 - f0) else 'is NOT'} within "
+              "the seed noise on FID"]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = parser(__doc__.split("\n")[0], formatter_class=argparse.HelpFormatter)
-    p.add_argument("--what", choices=["train", "sample", "fid", "all", "cpu-table"], default="all",
-                   help="what to time (default: all = train, sample, fid; cpu-table: the README's CPU table)")
+    p.add_argument("--what", choices=["train", "sample", "fid", "all", "cpu-table", "quality"], default="all",
+                   help="what to time (default: all = train, sample, fid; cpu-table: the README's CPU table; quality: "
+                   "FID and KID of --ckpt's samples in bf16 against fp32 and a second fp32 seed)")
+    p.add_argument("--ckpt", type=existing_file, help="quality: the train.py checkpoint to sample")
+    p.add_argument("--ref", default="cifar10-train", help="quality: fid.py's reference input (default: cifar10-train)")
+    p.add_argument("--n", type=number(int, lo=2), default=1000, help="quality: images per set (>= 2; default 1000)")
+    p.add_argument("--w", type=number(float, lo=-1), default=1.0, help="quality: guidance scale (>= -1; default 1)")
     p.add_argument("--device", type=pick_device, default="auto",
                    help="auto (cuda when there is one), cpu, cuda, cuda:N")
     p.add_argument("--amp", **{**AMP, "help": AMP["help"] + " (not cpu-table, which times each)"})
@@ -145,6 +179,14 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if cuda else getattr(torch.cpu, "get_capabilities", dict)().get("cpu_name")
     print(f"device {device} ({name or 'unknown'}; bf16 hardware: {native_bf16() or 'none'}), {torch.get_num_threads()} "
           f"CPU threads, torch {torch.__version__}")
+    if args.what == "quality":
+        if args.ckpt is None:
+            p.error("--what quality needs --ckpt")
+        try:
+            print(quality(args.ckpt, args.ref, args.n, args.sample_steps or 25, args.w, device, args.batch_size or 50))
+        except (CheckpointError, FIDError) as e:
+            p.error(str(e))
+        return
     if args.what == "cpu-table":
         print(cpu_table(args.networks, args.configs, repeats, args.sample_steps or 2, device, args.batch_size))
         return
