@@ -1,8 +1,8 @@
 """What FID mixes into one number, measured apart: KID, improved precision and recall, density and coverage.
 
-Each function takes two feature arrays [N, D] (in this project fid.py's 2048-d Inception pool3 features), the samples
-first and the reference (the real data) second, and computes its metric as one published implementation does, named
-in its docstring. Distances are Euclidean, computed as those implementations do in float32, |a|^2 + |b|^2 - 2 a.b,
+kid() and prdc() take two feature arrays [N, D] (in this project fid.py's 2048-d Inception pool3 features), the samples
+first and the reference (the real data) second, and compute their metrics as the published implementations named in
+their docstrings do. Distances are Euclidean, computed as those implementations do in float32, |a|^2 + |b|^2 - 2 a.b,
 one block of `chunk` rows against the whole other set at a time: no N x N matrix is ever held, and a block against
 50,000 features is 1,000 x 50,000 float32, 200 MB (README gives the measured peak and times).
 """
@@ -33,9 +33,10 @@ def kid(samples, reference, subsets=100, subset_size=1000, seed=2020, device="cp
     x, y = _float32(samples, reference, device=device)
     m, d = subset_size, x.shape[1]
     rng = np.random.RandomState(seed)
+    draw = lambda n: torch.from_numpy(rng.choice(n, m, replace=False)).to(x.device)
     mmds = []
     for _ in range(subsets):
-        a, b = x[rng.choice(n1, m, replace=False)], y[rng.choice(n2, m, replace=False)]
+        a, b = x[draw(n1)], y[draw(n2)]
         kxx, kyy, kxy = (((p @ q.T).double() / d + 1) ** 3 for p, q in ((a, a), (b, b), (a, b)))
         within = kxx.sum() - kxx.trace() + kyy.sum() - kyy.trace()
         mmds.append((within / (m * (m - 1)) - 2 * kxy.mean()).item())
@@ -45,7 +46,8 @@ def kid(samples, reference, subsets=100, subset_size=1000, seed=2020, device="cp
 def squared_distances(a, b, chunk=CHUNK):
     """(rows, squared distances [len(rows), len(b)] of a[rows] to every row of b) for blocks of `chunk` rows of a.
     Squared distances order points as distances do, so every comparison below is made on them, as the ADM evaluator
-    makes it; rounding can leave a point's distance to itself slightly off 0, never above its neighbours'."""
+    makes it. Rounding can leave a point's squared distance to itself a little off 0, below 0 even: still the
+    smallest of its row, unless a duplicate of the point ties with it."""
     b2 = (b * b).sum(1)
     for i in range(0, len(a), chunk):
         block = a[i:i + chunk]
@@ -63,7 +65,8 @@ def knn_radii(x, k, chunk=CHUNK):
 
 def prdc(samples, reference, k_pr=3, k_dc=5, chunk=CHUNK, device="cpu"):
     """Improved precision and recall (Kynkaanniemi et al. 2019) as the ADM evaluator and torch-fidelity compute them,
-    and density and coverage (Naeem et al. 2020) as their prdc package computes them, in one pass over the distances.
+    and density and coverage (Naeem et al. 2020) as their prdc package computes them: each set's k-NN radii, then one
+    pass over the sample-reference distances for all four.
 
     Each set's manifold is the union of balls around its points, each of radius the distance to its k-th nearest
     neighbour in its own set: k = k_pr = 3 for precision and recall (the paper's and both implementations' choice),
