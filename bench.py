@@ -119,13 +119,13 @@ def cpu_table(networks, configs, repeats, steps, device, batch=None):
 
 
 def quality(ckpt, ref, n, steps, w, device, fid_batch):
-    """Does bf16 sampling change what is measured? FID and KID against ref of n images sampled from ckpt in fp32 from
-    seeds 0.., in fp32 from seeds n.. (another draw: the noise floor) and in bf16 from seeds 0.., as markdown lines.
-    bf16 passes when its distance to the fp32 set of the same seeds is below the distance between the two fp32 draws."""
+    """Does bf16 sampling change what is measured? FID and KID, against ref (at most n of its images, as fid.py --n
+    takes them), of n images sampled from ckpt in fp32 from seeds 0.., in fp32 from seeds n.. (another draw: the noise
+    floor) and in bf16 from seeds 0.., as markdown lines. bf16 passes when it moves the figures less than the seeds do."""
     fid.check_input(ref)
     model, config = load_checkpoint(ckpt, device)
     labels, inception = balanced_labels(n, config["unet"]["num_classes"]), load_inception(None, device)
-    mu_ref, sigma_ref, _, feats_ref = fid.input_statistics(ref, inception, device=device, features=True)
+    mu_ref, sigma_ref, _, feats_ref = fid.input_statistics(ref, inception, device=device, features=True, max_images=n)
     subset = min(1000, n, len(feats_ref))
     lines, scores = [f"{n} images, {steps} DDIM steps, w = {w:g}, KID over 100 subsets of {subset}", "",
                      "| sampled in | seeds | FID | KID |", "|---|---|---:|---:|"], {}
