@@ -139,9 +139,10 @@ def quality(ckpt, ref, n, steps, w, device, fid_batch):
                      f"{scores[amp, seed][1]:.5f} ± {scores[amp, seed][2]:.5f} |")
         print(f"quality: {amp} from seed {seed} took {time.perf_counter() - t0:.0f} s", flush=True)
     (f0, k0, _), (f1, k1, _), (fb, kb, _) = scores.values()
+    within = lambda low, seeds: "within the seed noise" if abs(low) < abs(seeds) else "NOT within the seed noise"
     lines += ["", f"bf16 - fp32 (same seeds): FID {fb - f0:+.2f}, KID {kb - k0:+.5f}; fp32 seeds {n}.. - seeds 0..: "
-              f"FID {f1 - f0:+.2f}, KID {k1 - k0:+.5f}; bf16 {'is' if abs(fb - f0) < abs(f1 - f0) else 'is NOT'} within "
-              "the seed noise on FID"]
+              f"FID {f1 - f0:+.2f}, KID {k1 - k0:+.5f}; bf16 is {within(fb - f0, f1 - f0)} on FID and "
+              f"{within(kb - k0, k1 - k0)} on KID"]
     return "\n".join(lines)
 
 
