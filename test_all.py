@@ -907,7 +907,12 @@ def test_metrics_identical_sets_separated_sets_and_half_the_clusters():
     # samples = the reference points of 2 of its 4 clusters: each sample is a reference point (precision 1), the
     # reference's other 2 clusters are neither reached nor covered (recall, coverage 1/2), and the covered half is as
     # dense as the reference (density 1, by the count above)
-    assert metrics.prdc(ref[:40], ref, chunk=7) == {"precision": 1, "recall": 0.5, "density": 1, "coverage": 0.5}
+    # (density up to ties: a sample that IS a reference point's 5th neighbour lies exactly on that ball's edge, and
+    # with chunk=7 the two sides of the tie come from matrix products of other shapes, whose last bits differ when
+    # BLAS splits them over 2 threads: measured 1.03 with 2 threads, 1 with one)
+    figures = metrics.prdc(ref[:40], ref, chunk=7)
+    assert {k: figures[k] for k in ("precision", "recall", "coverage")} == {"precision": 1, "recall": 0.5, "coverage": 0.5}
+    assert figures["density"] == pytest.approx(1, abs=0.05)
 
 
 @pytest.mark.parametrize("kind", ["continuous", "integer"])
