@@ -1,5 +1,5 @@
-"""Run-time plumbing that every command shares: the device, mixed precision, one-line errors, clean stops on SIGTERM
-and SIGINT, atomic writes of files and of PNG grids."""
+"""Run-time plumbing that every command shares: the device, the one rule for precision and memory layout (fast_path),
+progress and warning lines, one-line errors, clean stops on SIGTERM and SIGINT, atomic writes of files and PNG grids."""
 import argparse
 import contextlib
 import math
