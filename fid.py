@@ -111,11 +111,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise FIDError(f"statistics do not match: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
-    # tr (S1 S2)^(1/2) = sum of sqrt eigenvalues of the symmetric PSD matrix S1^(1/2) S2 S1^(1/2),
-    # which eigh handles stably and fast, unlike scipy.linalg.sqrtm on the non-symmetric S1 S2
+    # tr (S1 S2)^(1/2) = sum of sqrt eigenvalues of S1 S2, computed stably (unlike scipy.linalg.sqrtm on the
+    # non-symmetric S1 S2) as those of a symmetric PSD matrix: with S1 = B B^T on its range (eigh), S1 S2 = B (B^T S2)
+    # has the nonzero eigenvalues of B^T S2 B, which is r x r for S1 of rank r (r < n images: 1,000-image cells are
+    # half the size of 2048, so this is 8x less work than S1^(1/2) S2 S1^(1/2)); eigenvalues of S1 below rounding
+    # noise around 0 are not part of its range
     w, v = np.linalg.eigh(sigma1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = root1 @ sigma2 @ root1
+    keep = w > max(w.max(), 0) * len(w) * np.finfo(np.float64).eps
+    b = v[:, keep] * np.sqrt(w[keep])
+    m = b.T @ sigma2 @ b
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line, not warned about
