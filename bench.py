@@ -1,15 +1,13 @@
 """Throughput of the three costly parts, for the README's speed tables (not a test):
 
     python bench.py                      # train (all three losses), sample and FID features on the default device
-    python bench.py --what train --batch-size 128 --iters 50
     python bench.py --what cpu-table     # every loss, sampling and FID in fp32/bf16 x NCHW/channels_last, with ratios
     python bench.py --what quality --ckpt runs/first/ckpt.pt --ref REF   # does bf16 sampling change FID and KID?
 
-Training runs the real losses with train.py's speed settings (runtime.fast_path: bf16 autocast in channels_last on
-CUDA and on a CPU with bf16 hardware, else fp32 NCHW; --amp and --channels-last override it; the guidance-free loss
-with a copy of the model as its teacher, as the EMA is in train.py); sampling runs sample_images for CFG at w = 2 (two
-network evaluations a step) and at w = 0, which is how a guidance-free model samples the same w_eff (one); FID runs
-fid.inception_features, always in fp32. Weights are random: speed does not depend on them.
+Training runs the real losses in runtime.fast_path's precision and layout (--amp and --no-channels-last as in
+train.py), the guidance-free loss with a copy of the model as its teacher; sampling runs sample_images for CFG at w = 2
+(two network evaluations a step) and at w = 0, as a guidance-free model samples (one); FID runs fid.inception_features,
+in fp32. Weights are random: speed does not depend on them.
 """
 import argparse
 import copy
@@ -19,7 +17,6 @@ import numpy as np
 import torch
 
 import fid
-import metrics
 from diffusion import Schedule
 from inception import FIDError, FIDInceptionV3, load_inception
 from flags import AMP, existing_file, number, parser, some_of
@@ -28,15 +25,15 @@ from model import UNet
 from runtime import autocast, fast_path, native_bf16, pick_device, speed_line
 from sample import CheckpointError, balanced_labels, load_checkpoint, sample_checkpoint, sample_images
 
-# the two networks of the CPU table: the default U-Net (35.75M) and the small one of a CPU run (1.07M), with the
-# batches they are timed at on 2 CPU cores (training, and images per guided sampling step)
-NETWORKS = {"default": (dict(), 16, 16),
-            "small": (dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=()), 64, 64)}
+# the CPU table's U-Nets, the default (35.75M) and a CPU run's small one (1.07M), each with its batch on 2 CPU cores
+NETWORKS = {"default": (dict(), 16), "small": (dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=()), 64)}
 CONFIGS = {"fp32-nchw": ("none", False), "fp32-cl": ("none", True), "bf16-nchw": ("bf16", False), "bf16-cl": ("bf16", True)}
 
 
-def timed(fn, repeats, sync):
-    """Seconds per call of fn, the mean of `repeats` calls after one warm-up (cuDNN autotuning, allocator, lazy init)."""
+def timed(fn, repeats, device):
+    """Seconds per call of fn, the mean of `repeats` calls after one warm-up (cuDNN autotuning, allocator, lazy init);
+    on CUDA the clock waits for the GPU."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     fn()
     sync()
     t0 = time.perf_counter()
@@ -46,7 +43,7 @@ def timed(fn, repeats, sync):
     return (time.perf_counter() - t0) / repeats
 
 
-def time_training(model, batch, amp, channels_last, device, repeats, sync):
+def time_training(model, batch, amp, channels_last, device, repeats):
     """{loss: images/s} of one optimizer step of each loss on random data (Adam, fused on CUDA)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt).train()
@@ -66,49 +63,43 @@ def time_training(model, batch, amp, channels_last, device, repeats, sync):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        rates[name] = batch / timed(step, repeats, sync)
+        rates[name] = batch / timed(step, repeats, device)
     return rates
 
 
-def time_sampling(model, batch, steps, w, amp, channels_last, device, repeats, sync):
+def time_sampling(model, batch, steps, w, amp, channels_last, device, repeats):
     """Network evaluations per second (images x steps, twice that for w != 0) of sample_images on `batch` labels."""
     model.eval()
-    labels = np.arange(batch) % 10
-    s = timed(lambda: sample_images(model, Schedule("linear"), labels, null_class=10, w=w, steps=steps, batch_size=batch,
-                                    device=device, amp=amp, channels_last=channels_last), repeats, sync)
+    s = timed(lambda: sample_images(model, Schedule("linear"), np.arange(batch) % 10, null_class=10, w=w, steps=steps,
+                                    batch_size=batch, device=device, amp=amp, channels_last=channels_last), repeats, device)
     return batch * steps * (1 if w == 0 else 2) / s
 
 
-def time_fid(batch, channels_last, device, repeats, sync):
+def time_fid(batch, channels_last, device, repeats):
     """Images/s of fid.inception_features (fp32, TF32 off) on random 32x32 images, with random weights."""
     inception = FIDInceptionV3().eval().requires_grad_(False).to(device)  # random weights: same cost
     images = np.random.default_rng(0).integers(0, 256, (2 * batch, 32, 32, 3), dtype=np.uint8)
     return len(images) / timed(lambda: fid.inception_features(inception, images, batch, device, progress=False,
-                                                              channels_last=channels_last), repeats, sync)
+                                                              channels_last=channels_last), repeats, device)
 
 
 def cpu_table(networks, configs, repeats, steps, device, batch=None):
-    """The markdown table of README's "Measuring speed": each row a measurement, each column a precision and layout,
-    each cell its figure and its ratio to fp32 NCHW (the first column). batch replaces every batch size of NETWORKS
-    and FID's 50 (for a quick check)."""
-    fid_batch = batch or 50
-    sync = lambda: None
+    """README's "Measuring speed" table: a row per measurement, a column per precision and layout, each figure with its
+    ratio to the first column (fp32 NCHW). batch replaces every batch size of NETWORKS and FID's 50 (a quick check)."""
     rows = {}
     for name in [n for n in networks if n != "inception"]:
-        kw, train_batch, sample_batch = NETWORKS[name]
-        train_batch, sample_batch = batch or train_batch, batch or sample_batch
+        kw, size = NETWORKS[name][0], batch or NETWORKS[name][1]
         for config in configs:
-            amp, channels_last = CONFIGS[config]
             torch.manual_seed(0)
             model = UNet(**kw).to(device)
-            for loss, rate in time_training(model, train_batch, amp, channels_last, device, repeats, sync).items():
-                rows.setdefault(f"{name} U-Net, train {loss}, batch {train_batch} (img/s)", {})[config] = rate
-            rate = time_sampling(model, sample_batch, steps, 2.0, amp, channels_last, device, repeats, sync)
-            rows.setdefault(f"{name} U-Net, guided sampling, {sample_batch} images (img-evals/s)", {})[config] = rate
+            for loss, rate in time_training(model, size, *CONFIGS[config], device, repeats).items():
+                rows.setdefault(f"{name} U-Net, train {loss}, batch {size} (img/s)", {})[config] = rate
+            rate = time_sampling(model, size, steps, 2.0, *CONFIGS[config], device, repeats)
+            rows.setdefault(f"{name} U-Net, guided sampling, {size} images (img-evals/s)", {})[config] = rate
             print(f"measured {name} U-Net, {config}", flush=True)
     for config in [c for c in configs if c.startswith("fp32") and "inception" in networks]:  # fp32 only: = pytorch-fid
-        rows.setdefault(f"FID Inception features, batch {fid_batch} (img/s)", {})[config] = time_fid(
-            fid_batch, CONFIGS[config][1], device, repeats, sync)
+        rows.setdefault(f"FID Inception features, batch {batch or 50} (img/s)", {})[config] = time_fid(
+            batch or 50, CONFIGS[config][1], device, repeats)
     lines = ["| measurement | " + " | ".join(configs) + " |", "|---|" + "---:|" * len(configs)]
     for what, figures in rows.items():
         base = figures.get(configs[0])
@@ -119,26 +110,24 @@ def cpu_table(networks, configs, repeats, steps, device, batch=None):
 
 
 def quality(ckpt, ref, n, steps, w, device, fid_batch):
-    """Does bf16 sampling change what is measured? FID and KID, against ref (at most n of its images, as fid.py --n
-    takes them), of n images sampled from ckpt in fp32 from seeds 0.., in fp32 from seeds n.. (another draw: the noise
-    floor) and in bf16 from seeds 0.., as markdown lines. bf16 passes when it moves the figures less than the seeds do."""
+    """Does bf16 sampling change what is measured? FID and KID against ref (at most n of its images, as fid.py --n) of
+    n images from ckpt in fp32 from seeds 0.., in fp32 from seeds n.. (the noise floor) and in bf16 from seeds 0.."""
     fid.check_input(ref)
     model, config = load_checkpoint(ckpt, device)
     labels, inception = balanced_labels(n, config["unet"]["num_classes"]), load_inception(None, device)
     mu_ref, sigma_ref, _, feats_ref = fid.input_statistics(ref, inception, device=device, features=True, max_images=n)
     subset = min(1000, n, len(feats_ref))
     lines, scores = [f"{n} images, {steps} DDIM steps, w = {w:g}, KID over 100 subsets of {subset}", "",
-                     "| sampled in | seeds | FID | KID |", "|---|---|---:|---:|"], {}
+                     "| sampled in | seeds | FID | KID |", "|---|---|---:|---:|"], []
     for amp, seed in [("none", 0), ("none", n), ("bf16", 0)]:
-        t0 = time.perf_counter()
         images = sample_checkpoint(model, config, labels, w=w, steps=steps, seed=seed, device=device, amp=amp)
         feats = fid.inception_features(inception, images, fid_batch, device, progress=False)
-        mu, sigma = fid.feature_statistics(feats)
-        scores[amp, seed] = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref), *metrics.kid(feats, feats_ref, 100, subset)
-        lines.append(f"| {'fp32' if amp == 'none' else amp} | {seed}..{seed + n - 1} | {scores[amp, seed][0]:.2f} | "
-                     f"{scores[amp, seed][1]:.5f} ± {scores[amp, seed][2]:.5f} |")
-        print(f"quality: {amp} from seed {seed} took {time.perf_counter() - t0:.0f} s", flush=True)
-    (f0, k0, _), (f1, k1, _), (fb, kb, _) = scores.values()
+        kid = fid.feature_metrics(feats.astype(fid.FEATURES_DTYPE), feats_ref, kid=True, kid_subset_size=subset,
+                                  device=device)
+        scores.append((fid.frechet_distance(*fid.feature_statistics(feats), mu_ref, sigma_ref), kid["kid"]))
+        lines.append(f"| {'fp32' if amp == 'none' else amp} | {seed}..{seed + n - 1} | {scores[-1][0]:.2f} | "
+                     f"{kid['kid']:.5f} ± {kid['kid_std']:.5f} |")
+    (f0, k0), (f1, k1), (fb, kb) = scores
     within = lambda low, seeds: "within the seed noise" if abs(low) < abs(seeds) else "NOT within the seed noise"
     lines += ["", f"bf16 - fp32 (same seeds): FID {fb - f0:+.2f}, KID {kb - k0:+.5f}; fp32 seeds {n}.. - seeds 0..: "
               f"FID {f1 - f0:+.2f}, KID {k1 - k0:+.5f}; bf16 is {within(fb - f0, f1 - f0)} on FID and "
@@ -155,28 +144,20 @@ def main(argv=None):
     p.add_argument("--ref", default="cifar10-train", help="quality: fid.py's reference input (default: cifar10-train)")
     p.add_argument("--n", type=number(int, lo=2), default=1000, help="quality: images per set (>= 2; default 1000)")
     p.add_argument("--w", type=number(float, lo=-1), default=1.0, help="quality: guidance scale (>= -1; default 1)")
-    p.add_argument("--device", type=pick_device, default="auto",
-                   help="auto (cuda when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--device", type=pick_device, default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
     p.add_argument("--amp", **{**AMP, "help": AMP["help"] + " (not cpu-table, which times each)"})
-    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                   help="memory layout; auto follows --amp as train.py does (not cpu-table, which times each)")
-    p.add_argument("--ch", type=number(int, lo=32, multiple=32), default=128,
-                   help="U-Net width, a multiple of 32 (default: 128, the default model)")
-    p.add_argument("--batch-size", type=number(int, lo=1), default=None,
-                   help=">= 1 (default: 128 on CUDA, 8 on the CPU; cpu-table: the table's, 50 for FID)")
-    p.add_argument("--iters", type=number(int, lo=1), default=None,
-                   help="timed repeats, >= 1 (default: 20 on CUDA, 2 on the CPU)")
-    p.add_argument("--sample-steps", type=number(int, lo=1), default=None,
-                   help="DDIM steps per timed sampling call (>= 1; default: 10, cpu-table 2)")
+    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW, as train.py's flag does (not cpu-table)")
+    p.add_argument("--ch", type=number(int, lo=32, multiple=32), default=128, help="U-Net width (default: 128)")
+    p.add_argument("--batch-size", type=number(int, lo=1), help="default: 128 on CUDA, 8 on the CPU; cpu-table: its own")
+    p.add_argument("--iters", type=number(int, lo=1), help="timed repeats, >= 1 (default: 20 on CUDA, 2 on the CPU)")
+    p.add_argument("--sample-steps", type=number(int, lo=1), help="DDIM steps a sampling call (default: 10, cpu-table 2)")
     p.add_argument("--networks", type=some_of([*NETWORKS, "inception"]), default=[*NETWORKS, "inception"],
                    help="cpu-table: the networks to time (default: default,small,inception: the U-Nets and FID's)")
-    p.add_argument("--configs", type=some_of(CONFIGS), default=list(CONFIGS), help="cpu-table: precisions and layouts, the first is the ratios' base "
-                   "(default: all four)")
+    p.add_argument("--configs", type=some_of(CONFIGS), default=list(CONFIGS),
+                   help="cpu-table: precisions and layouts, the first is the ratios' base (default: all four)")
     args = p.parse_args(argv)
-    device = args.device
-    cuda = device.type == "cuda"
+    device, cuda = args.device, args.device.type == "cuda"
     repeats = args.iters or (20 if cuda else 2)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     name = torch.cuda.get_device_name(device) if cuda else getattr(torch.cpu, "get_capabilities", dict)().get("cpu_name")
     print(f"device {device} ({name or 'unknown'}; bf16 hardware: {native_bf16() or 'none'}), {torch.get_num_threads()} "
           f"CPU threads, torch {torch.__version__}")
@@ -191,8 +172,7 @@ def main(argv=None):
     if args.what == "cpu-table":
         print(cpu_table(args.networks, args.configs, repeats, args.sample_steps or 2, device, args.batch_size))
         return
-    amp, channels_last, why = fast_path(device, args.amp, args.channels_last != "off")
-    channels_last = channels_last or args.channels_last == "on"
+    amp, channels_last, why = fast_path(device, args.amp, not args.no_channels_last)
     batch = args.batch_size or (128 if cuda else 8)
     print(speed_line(device, amp, channels_last, why) + f", batch {batch}")
 
@@ -200,19 +180,19 @@ def main(argv=None):
     if args.what in ("train", "all"):
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        for name, rate in time_training(model, batch, amp, channels_last, device, repeats, sync).items():
+        for name, rate in time_training(model, batch, amp, channels_last, device, repeats).items():
             print(f"train {name:13s}: {rate:8.1f} img/s; 100k steps take {1e5 * batch / rate / 3600:.2f} h")
         if cuda:
             print(f"train: peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     if args.what in ("sample", "all"):
         steps, rates = args.sample_steps or 10, {}
         for w, who in [(2.0, "CFG at w=2 (standard, aligned)"), (0.0, "w=0 (guidance-free at its W)")]:
-            evals = time_sampling(model, batch, steps, w, amp, channels_last, device, repeats, sync)
+            evals = time_sampling(model, batch, steps, w, amp, channels_last, device, repeats)
             rates[w] = evals / (1 if w == 0 else 2) / 50
             print(f"sample {who:31s}: {rates[w]:8.2f} img/s at 50 steps ({evals:.0f} network evaluations/s)")
         print(f"sample: one network evaluation a step is {rates[0.0] / rates[2.0]:.2f}x the images/s of two")
     if args.what in ("fid", "all"):
-        rate = time_fid(batch, None, device, repeats, sync)
+        rate = time_fid(batch, None, device, repeats)
         print(f"fid features: {rate:8.1f} img/s (batch {batch}, fp32, TF32 off)")
 
 

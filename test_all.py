@@ -716,7 +716,7 @@ FLAG_TABLE = [
     ("bench", ["--n", "1"], "argument --n: expected an integer >= 2, got '1'"),
     ("bench", ["--w", "-2"], "argument --w: expected a finite number >= -1, got '-2'"),
     ("bench", ["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
-    ("bench", ["--channels-last", "yes"], "argument --channels-last: invalid choice: 'yes'"),
+    ("bench", ["--no-channels-last=1"], "argument --no-channels-last: ignored explicit argument '1'"),
     ("bench", ["--networks", "small,huge"], "argument --networks: expected a comma list of default, small, inception, got 'huge'"),
     ("bench", ["--configs", "fp8-cl"], "argument --configs: expected a comma list of fp32-nchw, fp32-cl, bf16-nchw, bf16-cl, "
      "got 'fp8-cl'"),
