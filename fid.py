@@ -25,7 +25,7 @@ import metrics
 from data import load_cifar10, load_image_folder, load_npz_images, open_npz
 from inception import FIDError, load_inception
 from flags import existing_file, number, output_dir, output_file, parser
-from runtime import CleanStop, pick_device, warn, write_atomic
+from runtime import CleanStop, pick_device, progress as progress_lines, warn, write_atomic  # progress: a flag here
 
 CIFAR10 = ("cifar10-train", "cifar10-test")
 # Inception's memory layout by device type. CPU: channels_last ran 1.5x as fast as NCHW in fp32 (`python bench.py --what
@@ -77,17 +77,14 @@ def inception_features(model, images, batch_size=50, device=None, logits=False, 
     channels_last = INCEPTION_CHANNELS_LAST[device.type] if channels_last is None else channels_last
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt)
-    feats, logs = [], []
-    start = last = time.perf_counter()
+    feats, logs, report = [], [], progress_lines(prefix="features: ", file=sys.stderr) if progress else None
     with exact_fp32(device.type):
         for i in range(0, len(images), batch_size):
             f, l = model(preprocess(torch.as_tensor(images[i:i + batch_size]).to(device)).contiguous(memory_format=fmt))
             feats.append(f.double().cpu())
             logs.append(None if l is None else l.double().cpu())
-            done, now = min(i + batch_size, len(images)), time.perf_counter()
-            if progress and (now - last > 10 or done == len(images)):
-                print(f"features: {done}/{len(images)} images, {done / (now - start):.1f} images/s", file=sys.stderr)
-                last = now
+            if report is not None:
+                report(min(i + batch_size, len(images)), len(images))
     feats = torch.cat(feats).numpy()
     if not np.isfinite(feats).all():
         raise FIDError(f"the Inception features of {int((~np.isfinite(feats).all(1)).sum())} images are not finite: "

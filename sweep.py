@@ -167,12 +167,12 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
                     todo.append((path, steps, w))
     main = rank_and_world()[0] == 0
     if todo and main:  # the other ranks only sample, and wait for rank 0 in the next cell's gather
-        mu_ref, sigma_ref, n_ref, feats_ref = fid.input_statistics(ref, None, fid_batch_size, device, data_dir, weights,
-                                                                   features=kid or prdc)
+        inception = load_inception(weights, device)  # once, for the reference (unless cached) and every cell
+        mu_ref, sigma_ref, n_ref, feats_ref = fid.input_statistics(ref, inception, fid_batch_size, device, data_dir,
+                                                                   weights, features=kid or prdc)
         if kid and n_ref < kid_subset_size:
             raise FIDError(f"--kid-subset-size {kid_subset_size} is more than the {n_ref} images of {ref}: lower it to "
                            f"at most {n_ref}")
-        inception = load_inception(weights, device)
     os.makedirs(os.path.join(out, "grids"), exist_ok=True)
     if main:
         print(speed_line(device, *fast_path(device, amp)), file=sys.stderr)
