@@ -63,8 +63,8 @@ def speed_line(device, amp, channels_last, why):
 
 
 def autocast(device, amp="auto"):
-    """The autocast context for amp 'bf16', 'fp16' or 'none'; 'auto' (or None) follows fast_path."""
-    if amp in (None, "auto"):
+    """The autocast context for amp 'bf16', 'fp16' or 'none'; 'auto' follows fast_path."""
+    if amp == "auto":
         amp = fast_path(device, "auto")[0]
     if amp == "none":
         return contextlib.nullcontext()
