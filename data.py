@@ -88,21 +88,32 @@ def load_cifar10(split="train", data_dir="data", url=CIFAR10_URL, md5=CIFAR10_MD
     return np.ascontiguousarray(images, dtype=np.uint8), np.concatenate(labels).astype(np.int64), class_names
 
 
+def resize(im, img_size):
+    """A PIL image resized so its short side is img_size and centre-cropped to img_size x img_size. Bicubic, which
+    PIL filters over the whole footprint when it shrinks: 32 -> 16 averages, it does not drop every other pixel."""
+    scale = img_size / min(im.size)
+    if scale != 1:
+        im = im.resize((max(img_size, round(im.width * scale)), max(img_size, round(im.height * scale))),
+                       Image.Resampling.BICUBIC)
+    left, top = (im.width - img_size) // 2, (im.height - img_size) // 2
+    return im.crop((left, top, left + img_size, top + img_size))
+
+
+def resize_images(images, img_size):
+    """uint8 [N, H, W, 3] -> [N, img_size, img_size, 3], each image as resize() makes it (unchanged if it fits)."""
+    if images.shape[1:3] == (img_size, img_size):
+        return images
+    return np.stack([np.asarray(resize(Image.fromarray(im), img_size)) for im in images])
+
+
 def read_image(path, img_size=None):
-    """One image as RGB uint8 [H, W, 3]; with img_size, resized so the short side is img_size and centre-cropped."""
+    """One image as RGB uint8 [H, W, 3]; with img_size, as resize() makes it."""
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
     except OSError as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
-    if img_size is not None:
-        scale = img_size / min(im.size)
-        if scale != 1:
-            im = im.resize((max(img_size, round(im.width * scale)), max(img_size, round(im.height * scale))),
-                           Image.Resampling.BICUBIC)
-        left, top = (im.width - img_size) // 2, (im.height - img_size) // 2
-        im = im.crop((left, top, left + img_size, top + img_size))
-    return np.asarray(im)
+    return np.asarray(im if img_size is None else resize(im, img_size))
 
 
 def load_image_folder(root, img_size=None, labelled=True):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from scipy.special import logsumexp
 
 import metrics
-from data import load_cifar10, load_image_folder, load_npz_images, open_npz
+from data import load_cifar10, load_image_folder, load_npz_images, open_npz, resize_images
 from inception import FIDError, load_inception
 from flags import existing_file, number, output_dir, output_file, parser
 from runtime import CleanStop, pick_device, progress as progress_lines, warn, write_atomic  # progress: a flag here
@@ -150,12 +150,13 @@ def check_input(source):
         raise FIDError(f"{source}: no such image folder or .npz file (the other inputs: {', '.join(CIFAR10)})")
 
 
-def load_images(source, data_dir="data", n=None):
+def load_images(source, data_dir="data", n=None, img_size=None):
     """uint8 [N, H, W, 3] from an image folder (searched recursively), an ADM .npz (arr_0) or cifar10-train/test.
 
     n: at most n of them, drawn without replacement from a fixed seed and kept in their order, so that a quick FID
     against, say, 1,000 CIFAR-10 test images means the same 1,000 every time (a folder sorted by class, cut to its
-    first n, would hold one class)."""
+    first n, would hold one class). img_size: resized and centre-cropped to it as train.py --img-size does, so that a
+    model trained at 16 x 16 is compared with real images at 16 x 16 (Inception then upsamples both to 299)."""
     check_input(source)
     path = Path(source)
     try:
@@ -167,7 +168,7 @@ def load_images(source, data_dir="data", n=None):
         raise FIDError(f"cannot load {source}: {e}" if source in CIFAR10 else str(e)) from None
     if n is not None and len(images) > n:
         images = images[np.sort(np.random.default_rng(0).choice(len(images), n, replace=False))]
-    return images
+    return images if img_size is None else resize_images(images, img_size)
 
 
 def load_statistics(path, features=False):
@@ -206,14 +207,15 @@ def save_statistics(path, mu, sigma, n=None, features=None):
 
 
 def input_statistics(source, model=None, batch_size=50, device="cpu", data_dir="data", weights=None,
-                     progress=True, features=False, max_images=None):
+                     progress=True, features=False, max_images=None, img_size=None):
     """(mu, sigma, n, feats) of any input: n is None for a statistics file that does not record it; feats, the
     Inception features as FEATURES_DTYPE [n, 2048], is None unless features=True, and then never. max_images: at most
     that many of an input's images (load_images' n; a statistics file is used whole, and the CIFAR-10 cache, which
-    holds all the images, is then neither read nor written)."""
+    holds all the images, is then neither read nor written). img_size: load_images' (a statistics file is used as it
+    is; the cache is kept at 32 x 32 only)."""
     source = str(source)
     cache = Path(data_dir) / f"fid_stats_{source}.npz"
-    whole = source in CIFAR10 and max_images is None
+    whole = source in CIFAR10 and max_images is None and img_size in (None, 32)
     if whole and cache.exists():
         stats = load_statistics(cache, features)
         if not features or stats[3] is not None:
@@ -227,7 +229,7 @@ def input_statistics(source, model=None, batch_size=50, device="cpu", data_dir="
                                f"density/coverage need: pass the images, or write a file with them: python fid.py "
                                f"IMAGES --save-stats OUT.npz --with-features")
             return stats
-    images = load_images(source, data_dir, max_images)
+    images = load_images(source, data_dir, max_images, img_size)
     if len(images) < 2:
         raise FIDError(f"{source}: FID needs at least 2 images, got {len(images)}")
     model = model if model is not None else load_inception(weights, device)
@@ -279,6 +281,8 @@ def main(argv=None):
                    help="also the Inception Score (10 splits) of the first input; needs classifier weights")
     p.add_argument("--n", type=number(int, lo=2), help="at most N images of each image input, drawn at random from a "
                    "fixed seed (>= 2; default: all), for a quick FID against part of a large reference")
+    p.add_argument("--img-size", type=number(int, lo=1), help="resize and centre-crop every image input to this, as "
+                   "train.py --img-size does (default: as they are)")
     p.add_argument("--batch-size", type=number(int, lo=1), default=50, help="images per forward pass (>= 1; default 50)")
     p.add_argument("--device", type=pick_device, default="auto",
                    help="auto (cuda when there is one), cpu, cuda, cuda:N (default auto)")
@@ -311,12 +315,12 @@ def main(argv=None):
 def run(args, inputs, device):
     features = args.kid or args.prdc or args.with_features
     kw = dict(batch_size=args.batch_size, device=device, data_dir=args.data_dir, weights=args.weights,
-              features=features, max_images=args.n)
+              features=features, max_images=args.n, img_size=args.img_size)
     stats = []
     for i, source in enumerate(inputs):
         if i == 0 and args.inception_score:
             model = load_inception(args.weights, device)
-            images = load_images(source, args.data_dir, args.n)
+            images = load_images(source, args.data_dir, args.n, args.img_size)
             feats, logits = inception_features(model, images, args.batch_size, device, logits=True)
             mean, std = inception_score(logits)
             print(f"IS: {mean:.4f} +- {std:.4f} ({len(images)} images)")

@@ -559,7 +559,6 @@ FLAG_TABLE = [
     ("train", ["--data-dir", "{file}"], "argument --data-dir: {file} is a file, expected a directory"),
     ("train", ["--img-size", "0"], "argument --img-size: expected an integer >= 1, got '0'"),
     ("train", ["--img-size", "12"], "--img-size: img_size=12 must be divisible by 8 for 4 levels"),
-    ("train", ["--data", "cifar10", "--img-size", "64"], "CIFAR-10 images are 32x32: leave --img-size at 32"),
     # train.py: model
     ("train", ["--ch", "48"], "argument --ch: expected a multiple of 32 >= 32, got '48'"),
     ("train", ["--ch", "0"], "argument --ch: expected a multiple of 32 >= 32, got '0'"),
@@ -590,6 +589,7 @@ FLAG_TABLE = [
     ("train", ["--out", "{file}"], "argument --out: {file} is a file, expected a directory"),
     ("train", ["--out", "{file}/run"], "argument --out: {file}/run: {file} is a file, so the directory cannot be created"),
     ("train", ["--save-every", "-1"], "argument --save-every: expected an integer >= 0, got '-1'"),
+    ("train", ["--keep-every", "-1"], "argument --keep-every: expected an integer >= 0, got '-1'"),
     ("train", ["--sample-every", "-1"], "argument --sample-every: expected an integer >= 0, got '-1'"),
     ("train", ["--sample-steps", "0"], "argument --sample-steps: expected an integer >= 1, got '0'"),
     ("train", ["--log-every", "nan"], "argument --log-every: expected a finite number >= 0, got 'nan'"),
@@ -709,6 +709,7 @@ FLAG_TABLE = [
     ("bench", ["--iters", "0"], "argument --iters: expected an integer >= 1, got '0'"),
     ("bench", ["--sample-steps", "0"], "argument --sample-steps: expected an integer >= 1, got '0'"),
     ("fid", ["{stats}", "--n", "1"], "argument --n: expected an integer >= 2, got '1'"),
+    ("fid", ["{stats}", "--img-size", "0"], "argument --img-size: expected an integer >= 1, got '0'"),
     ("bench", ["--what", "quality"], "--what quality needs --ckpt"),
     ("bench", ["--ckpt", "{missing}"], "argument --ckpt: {missing}: no such file"),
     ("bench", ["--what", "quality", "--ckpt", "{file}"], "{file} is not a checkpoint of this project"),
@@ -1680,6 +1681,24 @@ def test_train_fake_cifar10_archive_loads_and_is_reused(tmp_path):
     assert np.array_equal(data.load_cifar10("test", data_dir, url=archive.as_uri(), md5=md5)[0], expected["test"][0])
 
 
+def test_resize_averages_when_it_shrinks_and_is_one_function_for_files_arrays_and_fid(tmp_path):
+    flat = np.full((2, 32, 32, 3), 77, np.uint8)
+    assert np.array_equal(data.resize_images(flat, 16), np.full((2, 16, 16, 3), 77, np.uint8))  # a constant stays
+    checker = np.where((np.arange(32)[:, None] + np.arange(32)) % 2, 255, 0).astype(np.uint8)
+    small = data.resize_images(np.repeat(checker[None, :, :, None], 3, -1), 16)[0]
+    assert np.abs(small[2:-2, 2:-2].astype(int) - 127.5).max() <= 2  # averaged; dropping every other pixel gives 0s
+    imgs = _fid_images(3, seed=9)  # 32 x 32
+    assert data.resize_images(imgs, 32) is imgs
+    wide = np.concatenate([imgs[:1], imgs[:1, :, :8]], axis=2)  # 32 x 40: resized to 16 x 20, the centre 16 kept
+    assert np.array_equal(data.resize_images(wide, 16), np.asarray(data.resize(Image.fromarray(wide[0]), 16))[None])
+    _fid_write_folder(tmp_path / "folder", imgs)
+    order = [0, 2, 1]  # the folder's sorted order (see test_fid_folder_npz_and_stats_inputs_agree)
+    from_files = np.stack([data.read_image(p, 16) for p in sorted((tmp_path / "folder").rglob("*.*"))])
+    assert np.array_equal(from_files, data.resize_images(imgs[order], 16))
+    assert np.array_equal(fid.load_images(tmp_path / "folder", img_size=16), from_files)
+    assert np.array_equal(data.load_image_folder(tmp_path / "folder", 16, labelled=False), from_files)
+
+
 def test_train_wrong_md5_is_refused_and_leaves_nothing(tmp_path):
     archive = tmp_path / "cifar-10-python.tar.gz"
     _train_fake_cifar(archive)
@@ -1734,12 +1753,18 @@ def test_train_image_folder_with_mixed_sizes_and_formats(tmp_path):
 
 def test_train_resume_is_exact(tmp_path):
     args = ["--loss", "aligned", "--w", "1.5", "--save-every", "0", "--sample-every", "0"]
-    one = _train_tiny_run(tmp_path, tmp_path / "one", "--iters", "4", *args)
+    one = _train_tiny_run(tmp_path, tmp_path / "one", "--iters", "4", "--keep-every", "2", *args)
     half = _train_tiny_run(tmp_path, tmp_path / "two", "--iters", "2", *args)
     two = _train_tiny_run(tmp_path, tmp_path / "two", "--iters", "4", *args)  # same --out: resumes from step 2
     assert (half["step"], one["step"], two["step"]) == (2, 4, 4)
     assert not torch.equal(half["model"]["conv_in.weight"], two["model"]["conv_in.weight"])
     _train_same_state(one, two)
+    # --keep-every 2 kept steps 2 and 4 beside ckpt.pt, each the state a run stopped there saves
+    assert sorted(p.name for p in (tmp_path / "one").glob("ckpt*.pt")) == ["ckpt-0000002.pt", "ckpt-0000004.pt", "ckpt.pt"]
+    _train_same_state(torch.load(tmp_path / "one" / "ckpt-0000002.pt", weights_only=True), half)
+    _train_same_state(torch.load(tmp_path / "one" / "ckpt-0000004.pt", weights_only=True), one)
+    assert not list((tmp_path / "two").glob("ckpt-*.pt"))
+    assert [sweep.run_name(tmp_path / "one" / n) for n in ("ckpt.pt", "ckpt-0000002.pt")] == ["one", "one@2"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 

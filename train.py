@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from data import load_cifar10, load_image_folder
+from data import load_cifar10, load_image_folder, resize_images
 from diffusion import Schedule
 from distributed import gather_on_main, init_distributed, main_first, max_over_ranks, mean_over_ranks, rank_and_world, share
 from flags import AMP, folder_or, number, numbers, output_dir, parser, unit_range
@@ -63,8 +63,8 @@ def get_parser():
                    help="'cifar10', or a folder of images in class sub-folders")
     g.add_argument("--data-dir", type=output_dir, default="data", help="where cifar-10-python.tar.gz is downloaded and "
                    "extracted")
-    g.add_argument("--img-size", type=COUNT, default=32, help="image folders are resized and centre-cropped to this "
-                   "(>= 1, divisible by 2 per level below the top; CIFAR-10: 32)")
+    g.add_argument("--img-size", type=COUNT, default=32, help="images are resized (bicubic) and centre-cropped to this "
+                   "(>= 1, divisible by 2 per level below the top; CIFAR-10 is 32)")
     g = p.add_argument_group("model")
     g.add_argument("--ch", type=number(int, lo=32, multiple=32), default=128, help="base width (a multiple of 32: "
                    "GroupNorm's 32 groups)")
@@ -95,6 +95,8 @@ def get_parser():
                    "runs/guidance-free-w<w>")
     g.add_argument("--save-every", type=NONNEG, default=10_000, help="steps between checkpoints, and one at the end "
                    "(>= 0; 0: only at the end)")
+    g.add_argument("--keep-every", type=NONNEG, default=0, help="also keep the checkpoint of every K-th step as "
+                   "ckpt-<step>.pt, for learning curves (>= 0; 0: none)")
     g.add_argument("--sample-every", type=NONNEG, default=10_000, help="steps between EMA sample grids, and one at the "
                    "end (>= 0; 0: only at the end)")
     g.add_argument("--sample-steps", type=COUNT, default=50, help="DDIM steps for the sample grids (>= 1)")
@@ -119,8 +121,7 @@ def check_args(p, args):
     problems = [(args.batch_size % world, f"--batch-size {args.batch_size} is not divisible by the {world} processes"),
                 (args.loss == "aligned" and args.w < 0, f"--w must be >= 0 for the aligned loss, got {args.w:g}"),
                 (args.loss == "guidance-free" and not args.w > -1, f"--w {args.w:g} gives u = W / (1 + W) >= 1: the "
-                 "guidance-free loss then has no fixed point; use W > -1"),
-                (args.data == "cifar10" and args.img_size != 32, "CIFAR-10 images are 32x32: leave --img-size at 32")]
+                 "guidance-free loss then has no fixed point; use W > -1")]
     for bad, message in problems:
         if bad:
             p.error(message)
@@ -137,8 +138,11 @@ def check_args(p, args):
 def load_data(p, args):
     """(uint8 images [N, H, W, 3], int64 labels, class names) of --data, or argparse's one-line error."""
     try:
-        images, labels, class_names = (load_cifar10("train", args.data_dir) if args.data == "cifar10"
-                                       else load_image_folder(args.data, args.img_size))
+        if args.data == "cifar10":
+            images, labels, class_names = load_cifar10("train", args.data_dir)
+            images = resize_images(images, args.img_size)
+        else:
+            images, labels, class_names = load_image_folder(args.data, args.img_size)
     except (OSError, ValueError) as e:
         p.error(f"--data {args.data}: {e}")
     if len(images) < args.batch_size:
@@ -387,10 +391,13 @@ def run(p, args, stop):
                 path = sample_grid(ema, schedule, args, null_class, device, amp, channels_last,
                                    os.path.join(out, f"samples_{done:07d}.png"))
                 print(f"step {done}: wrote {path}", file=sys.stderr)
-        if (args.save_every and done % args.save_every == 0) or done == args.iters or stopping:
+        keep = args.keep_every and done % args.keep_every == 0
+        if (args.save_every and done % args.save_every == 0) or keep or done == args.iters or stopping:
             figures.check(done)
             stop.finished, stop.defer = f"while saving step {done}: {figures.kept()}", rank > 0 or not stopping
             save_checkpoint(ckpt_path, model, ema, opt, scaler, done, config, device)  # a second signal abandons it
+            if keep:
+                save_checkpoint(os.path.join(out, f"ckpt-{done:07d}.pt"), model, ema, opt, scaler, done, config, device)
             figures.saved_step, stop.defer = done, True
         if stopping:
             stop.finished = f"at step {done}: checkpoint saved, run the same command to resume"
