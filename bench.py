@@ -1,4 +1,4 @@
-"""Throughput of the three costly parts, for the README's speed tables (not a test):
+"""Throughput of the three costly parts, for the speed tables of RESULTS.md (not a test):
 
     python bench.py                      # train (all three losses), sample and FID features on the default device
     python bench.py --what cpu-table     # every loss, sampling and FID in fp32/bf16 x NCHW/channels_last, with ratios
@@ -84,8 +84,8 @@ def time_fid(batch, channels_last, device, repeats):
 
 
 def cpu_table(networks, configs, repeats, steps, device, batch=None):
-    """README's "Measuring speed" table: a row per measurement, a column per precision and layout, each figure with its
-    ratio to the first column (fp32 NCHW). batch replaces every batch size of NETWORKS and FID's 50 (a quick check)."""
+    """RESULTS.md's "Speed on a CPU" table: a row per measurement, a column per precision and layout, each figure
+    with its ratio to the first column (fp32 NCHW). batch replaces every batch size of NETWORKS and FID's 50 (a quick check)."""
     rows = {}
     for name in [n for n in networks if n != "inception"]:
         kw, size = NETWORKS[name][0], batch or NETWORKS[name][1]
@@ -138,7 +138,7 @@ def quality(ckpt, ref, n, steps, w, device, fid_batch):
 def main(argv=None):
     p = parser(__doc__.split("\n")[0], formatter_class=argparse.HelpFormatter)
     p.add_argument("--what", choices=["train", "sample", "fid", "all", "cpu-table", "quality"], default="all",
-                   help="what to time (default: all = train, sample, fid; cpu-table: the README's CPU table; quality: "
+                   help="what to time (default: all = train, sample, fid; cpu-table: RESULTS.md's CPU table; quality: "
                    "FID and KID of --ckpt's samples in bf16 against fp32 and a second fp32 seed)")
     p.add_argument("--ckpt", type=existing_file, help="quality: the train.py checkpoint to sample")
     p.add_argument("--ref", default="cifar10-train", help="quality: fid.py's reference input (default: cifar10-train)")

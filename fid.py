@@ -28,12 +28,12 @@ from flags import existing_file, number, output_dir, output_file, parser
 from runtime import CleanStop, pick_device, progress as progress_lines, warn, write_atomic  # progress: a flag here
 
 CIFAR10 = ("cifar10-train", "cifar10-test")
-# Inception's memory layout by device type. CPU: channels_last ran 1.5x as fast as NCHW in fp32 (`python bench.py --what
-# cpu-table`, README "Measuring speed"), its features within 1e-5 of NCHW's. CUDA: NCHW, as before, until measured there.
+# Inception's memory layout by device type. CPU: channels_last ran 1.5x as fast as NCHW in fp32 (`python bench.py
+# --what cpu-table`, RESULTS.md "Speed on a CPU"), its features within 1e-5 of NCHW's. CUDA: NCHW until measured there.
 INCEPTION_CHANNELS_LAST = {"cpu": True, "cuda": False}
 # Features are kept (in statistics files, and in memory for the metrics, whatever their source) rounded to float16:
 # CIFAR-10 train's 50,000 x 2048 are 200 MB, not 400 in float32, and the rounding (2^-11 relative, on features that are
-# averages of ReLUs) moves none of the metrics by more than README reports. FID's mu and sigma come from float64.
+# averages of ReLUs) moves none of the metrics by more than README states. FID's mu and sigma come from float64.
 FEATURES_DTYPE = np.float16
 
 

@@ -39,9 +39,9 @@ def native_bf16():
 def fast_path(device, amp="auto", channels_last=True):
     """(amp, channels_last, why): the one rule for the precision and memory layout of every command's network.
 
-    'auto' is bf16 autocast in channels_last on CUDA and on a CPU with bf16 hardware (AMX, AVX-512 BF16), where it ran
-    1.8-3.7x as fast as fp32 (README, "Measuring speed"); it is fp32 NCHW on any other CPU, where bf16 is emulated and
-    ran 5-9x slower than fp32, and channels_last gave fp32 no consistent gain (0.87-1.16x, measured on an AVX2 CPU).
+    'auto' is bf16 autocast in channels_last on CUDA and on a CPU with bf16 hardware (AMX, AVX-512 BF16), where it
+    ran 1.8-3.7x as fast as fp32 (RESULTS.md, "Speed on a CPU"); it is fp32 NCHW on any other CPU, where bf16 is
+    emulated and ran 5-9x slower than fp32, and channels_last gave fp32 no consistent gain (0.87-1.16x, on AVX2).
     An explicit amp is kept as it is; channels_last=False (train.py --no-channels-last) keeps NCHW everywhere, and on
     a CPU channels_last goes with reduced precision only."""
     device, hardware = torch.device(device), native_bf16()

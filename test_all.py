@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -818,6 +819,43 @@ def test_flag_table_covers_every_flag_of_every_command():
 
 
 # ---- the project's skeleton ----
+
+
+def _parser_of(main):
+    """The argparse parser that a command's main builds, caught as it parses."""
+    caught = []
+
+    def grab(parser, *a, **kw):
+        caught.append(parser)
+        raise SystemExit(0)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", grab)
+        with pytest.raises(SystemExit):
+            main([])
+    return caught[0]
+
+
+def test_documented_command_lines_use_flags_that_exist():
+    """Every command line in README.md and RESULTS.md (an indented line starting python, python3 or torchrun)
+    names flags its command has, spelled out (not abbreviated), with values among their choices."""
+    here, parsers, checked = Path(__file__).parent, {c: _parser_of(main) for c, (main, _) in _FLAG_BASE.items()}, 0
+    for doc in ("README.md", "RESULTS.md"):
+        for line in (here / doc).read_text().splitlines():
+            words = shlex.split(line.split("#")[0]) if line.startswith("    ") else []
+            script = next((w for w in words[:6] if w.endswith(".py") and w[:-3] in parsers), None)
+            if not words or words[0] not in ("python", "python3", "torchrun") or script is None:
+                continue
+            actions, args = parsers[script[:-3]]._option_string_actions, words[words.index(script) + 1:]
+            for i, word in enumerate(args):
+                if word.startswith("--"):
+                    flag, _, value = word.partition("=")
+                    assert flag in actions, f"{doc}: {script} has no flag {flag}: {line.strip()}"
+                    choices = actions[flag].choices
+                    value = value or (args[i + 1] if i + 1 < len(args) else None)
+                    assert choices is None or value in choices, f"{doc}: {flag} {value}: {line.strip()}"
+            checked += 1
+    assert checked >= 20, checked
 
 
 def test_readme_documents_training():
