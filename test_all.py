@@ -37,6 +37,7 @@ import inception
 import metrics
 import runtime
 import sample
+import study
 import sweep
 import toy
 import train
@@ -836,24 +837,30 @@ def _parser_of(main):
     return caught[0]
 
 
+def _check_flags(parsers, words, where):
+    """words, a command line (python SCRIPT.py ...), names only flags SCRIPT has, spelled out, with valid choices."""
+    script = next(w for w in words if w.endswith(".py"))
+    actions, args = parsers[script[:-3]]._option_string_actions, words[words.index(script) + 1:]
+    for i, word in enumerate(args):
+        if word.startswith("--"):
+            flag, _, value = word.partition("=")
+            assert flag in actions, f"{where}: {script} has no flag {flag}"
+            value = value or (args[i + 1] if i + 1 < len(args) else None)
+            assert actions[flag].choices is None or value in actions[flag].choices, f"{where}: {flag} {value}"
+
+
 def test_documented_command_lines_use_flags_that_exist():
     """Every command line in README.md and RESULTS.md (an indented line starting python, python3 or torchrun)
     names flags its command has, spelled out (not abbreviated), with values among their choices."""
     here, parsers, checked = Path(__file__).parent, {c: _parser_of(main) for c, (main, _) in _FLAG_BASE.items()}, 0
+    parsers["study"] = _parser_of(study.main)
     for doc in ("README.md", "RESULTS.md"):
         for line in (here / doc).read_text().splitlines():
             words = shlex.split(line.split("#")[0]) if line.startswith("    ") else []
             script = next((w for w in words[:6] if w.endswith(".py") and w[:-3] in parsers), None)
             if not words or words[0] not in ("python", "python3", "torchrun") or script is None:
                 continue
-            actions, args = parsers[script[:-3]]._option_string_actions, words[words.index(script) + 1:]
-            for i, word in enumerate(args):
-                if word.startswith("--"):
-                    flag, _, value = word.partition("=")
-                    assert flag in actions, f"{doc}: {script} has no flag {flag}: {line.strip()}"
-                    choices = actions[flag].choices
-                    value = value or (args[i + 1] if i + 1 < len(args) else None)
-                    assert choices is None or value in choices, f"{doc}: {flag} {value}: {line.strip()}"
+            _check_flags(parsers, words, f"{doc}: {line.strip()}")
             checked += 1
     assert checked >= 20, checked
 
@@ -868,7 +875,7 @@ def test_readme_documents_training():
 
 # every non-test module, by floor: a module imports only modules on lower floors (so no circle)
 FLOORS = {"runtime": 0, "distributed": 0, "flags": 0, "model": 0, "diffusion": 0, "losses": 1, "data": 1, "inception": 1,
-          "metrics": 1, "sample": 2, "fid": 2, "train": 3, "sweep": 3, "bench": 3, "toy": 3}
+          "metrics": 1, "sample": 2, "fid": 2, "train": 3, "sweep": 3, "bench": 3, "toy": 3, "study": 4}
 
 
 def _project_imports(path):
@@ -2377,6 +2384,82 @@ def test_toy_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):
         toy.main(["--out", str(out), *extra])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ---- study.py ----
+
+
+def test_study_stages_are_valid_command_lines_that_use_only_what_earlier_stages_made(tmp_path):
+    parsers = {c: _parser_of(main) for c, (main, _) in _FLAG_BASE.items()}
+    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000)
+    made, names = {"imgs/train", "imgs/test"}, []
+    for name, cmd in study.stages(a, "2"):
+        names.append(name)
+        if cmd[0] == "cp":
+            assert cmd[1] in made, (name, cmd[1])
+            made.add(cmd[2])
+            continue
+        _check_flags(parsers, ["python", *cmd], name)
+        flag = lambda f: cmd[cmd.index(f) + 1]
+        if cmd[0] == "train.py":
+            out, iters, keep = flag("--out"), int(flag("--iters")), int(flag("--keep-every"))
+            start = int(flag("--iters")) // 2 if out.endswith("-2x") else 0  # resumes from the copy at N
+            assert f"{out}/ckpt.pt" in made if start else True
+            made |= {f"{out}/ckpt.pt", *(f"{out}/ckpt-{s:07d}.pt" for s in range(keep, iters + 1, keep))}
+            assert flag("--amp") == "none" and flag("--img-size") == "16" and flag("--seed") == "0"
+        elif cmd[0] == "sweep.py":
+            ckpts = cmd[cmd.index("--ckpt") + 1:cmd.index("--n")]
+            assert all(c in made for c in ckpts), (name, ckpts)
+            assert flag("--ref") in made and flag("--n") == "1000" and flag("--kid-subset-size") == "500"
+        else:  # fid.py: the reference first, then real test images against it
+            made.add(flag("--save-stats")) if "--save-stats" in cmd else None
+            assert all(x in made for x in cmd[1:3] if not x.startswith("--"))
+    assert len(set(names)) == len(names) and names[:3] == ["ref", "realvsreal", "train_standard"]
+    gf = dict(study.stages(a, "3"))["train_gf"]
+    assert gf[gf.index("--w") + 1] == "3" and gf[gf.index("--gf-start") + 1] == "800"
+    ablation = dict(study.stages(a, "2"))["train_ablation_lr"]
+    assert ablation.count("--lr") == 1 and ablation[ablation.index("--lr") + 1] == "1e-4"
+
+
+def _study_row(ckpt, w_eff, fid_value, w=None, **kw):
+    loss = "aligned" if "aligned" in ckpt else "standard"
+    return {**dict.fromkeys(sweep.HEADER, ""), "checkpoint": ckpt, "loss": loss, "w": w if w is not None else w_eff,
+            "w_eff": w_eff, "steps": 25, "eta": 0, "n": 1000, "ref": "ref.npz", "fid": fid_value, "seconds": 1,
+            "sampler": "ddim", "kid": 0.5, "kid_std": 0.01, "precision": 0.4, "recall": 0.3, **kw}
+
+
+def test_study_report_picks_each_best_w_reads_the_floors_and_skips_done_stages(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s"
+    std, ali = f"{out}/standard/ckpt.pt", f"{out}/aligned-w2/ckpt.pt"
+    final = [_study_row(std, w, f) for w, f in [(0, 90), (0.5, 80), (1, 70), (2, 75), (3, 85)]] + \
+            [_study_row(ali, w, f, w=2 + 3 * w) for w, f in [(0, 120), (0.5, 110), (1, 100), (2, 105), (3, 130)]]
+    for name, rows in [("final", final), ("seed1000", [_study_row(std, 1, 71.5)]),
+                       ("equal_w", [_study_row(ali, -2 / 3, 95, w=0)]),
+                       ("curves", [_study_row(f"{out}/standard/ckpt-0000800.pt", 1, 88)])]:
+        (out / name).mkdir(parents=True)
+        sweep.write_results(out / name / "results.csv", rows)
+    assert study.standard_best_w(str(out)) == "1"  # the lowest FID at w_eff > 0
+    (out / "logs").mkdir()
+    (out / "logs" / "realvsreal.log").write_text("x: 1000 images\nKID: 0.000100 ± 0.000050\nprecision: 0.7000\nFID: 30.0000\n")
+    (out / "stages.tsv").write_text("ref\t60\t2026-12-02T00:00:00Z\ntrain_standard\t600\t2026-12-02T00:10:00Z\n")
+    study.main(["--report", "--out", str(out), "--results", str(tmp_path / "r")])
+    md = (tmp_path / "r" / "study.md").read_text()
+    assert "| standard | 1 | 1 | 70.0 |" in md and "| aligned-w2 | 0 | -0.666667 | 95.0 |" in md  # equal_w's cell won
+    assert "| standard, 1 | 70.0 | 71.5 |" in md  # the seed floor beside its seed-0 cell
+    assert "FID 30.0000" in md and "KID 0.000100 ± 0.000050" in md
+    assert "| standard, 1 | 88.0 | 70.0 |" in md  # the learning curve: step 800, then the final model at 1600
+    assert "| all | 11.0 |" in md
+    assert sorted(p.name for p in (tmp_path / "r").glob("*.csv")) == ["study_curves.csv", "study_equal_w.csv",
+                                                                       "study_final.csv", "study_seed1000.csv"]
+    # running: a stage in stages.tsv is skipped, the next one runs as a child; a failing one stops the study unrecorded
+    ran = []
+    monkeypatch.setattr(study, "stages", lambda a, W: [("ref", ["never.py"]), ("ok", ["-c", "print('hi')"]),
+                                                       ("bad", ["-c", "import sys; sys.exit(2)"])])
+    with pytest.raises(SystemExit, match="stage bad ended with status 2: run the same command to resume"):
+        study.main(["--out", str(out)])
+    assert "=== ok: python -c" in capsys.readouterr().out
+    assert [line.split("\t")[0] for line in (out / "stages.tsv").read_text().splitlines()] == ["ref", "train_standard", "ok"]
+    assert (out / "logs" / "ok.log").read_text() == "hi\n"
 
 
 # ---- more than one process (torchrun, gloo) ----

@@ -1,0 +1,286 @@
+"""The CPU study of RESULTS.md: the three losses trained on CIFAR-10 at 16x16 and compared, in resumable stages.
+
+    python study.py --data DIR/train --test DIR/test   # every stage in order (about 4 h on 2 CPU cores)
+    python study.py --list                             # the stages' command lines, to read or copy, without running
+    python study.py --report                           # RESULTS.md's tables and figures, from the finished stages
+
+Each stage is one command line of train.py, sweep.py or fid.py, run as a child process; a stage that finished is
+recorded in <out>/stages.tsv with its wall time and never run again, and one that was stopped resumes where it was
+(train.py from its checkpoint, sweep.py from its finished cells), so the study can be run in several sittings.
+"""
+import csv
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from flags import number, output_dir, parser
+from runtime import warn, write_atomic
+from sweep import plot, read_results, run_name
+
+# the network and optimisation every run shares: the 1.07M-parameter U-Net, at 16 x 16 (RESULTS.md says why)
+TRAIN = {"--img-size": "16", "--ch": "32", "--ch-mult": "1,2,2", "--num-res-blocks": "1", "--attn-res": "",
+         "--dropout": "0", "--batch-size": "64", "--lr": "5e-4", "--warmup": "100", "--ema-decay": "0.995",
+         "--seed": "0", "--amp": "none", "--sample-every": "0", "--sample-steps": "25"}
+W_EFF = "0,0.5,1,2,3"
+MODELS = ["standard", "aligned-w2", "guidance-free", "standard-2x"]
+
+
+def standard_best_w(out):
+    """The standard model's best w_eff > 0 by FID in the final sweep (the guidance-free model's W), or None."""
+    rows = [r for r in read_results(os.path.join(out, "final", "results.csv"))
+            if run_name(r["checkpoint"]) == "standard" and float(r["w_eff"]) > 0]
+    return f"{float(min(rows, key=lambda r: float(r['fid']))['w_eff']):g}" if len(rows) == 4 else None
+
+
+def stages(a, W):
+    """(name, command line) of every stage, in order; W is the guidance-free model's W ('W' until it is known)."""
+    S, N, keep = a.out, a.iters, str(a.iters // 4)
+    real = lambda split: f"cifar10-{split}" if a.data == "cifar10" else a.data if split == "train" else a.test
+    ref = f"{S}/ref_train2000.npz"
+
+    def train(out, loss, iters=N, **flags):  # flags: --w, --lr, ... as w="2", lr="1e-4"
+        flags = {**TRAIN, "--save-every": keep, "--keep-every": keep,
+                 **{f"--{k.replace('_', '-')}": v for k, v in flags.items()}}
+        return ["train.py", "--data", a.data, "--loss", loss, *[x for k, v in flags.items() for x in (k, v)],
+                "--iters", str(iters), "--out", f"{S}/{out}"]
+
+    def sweep(out, runs, *extra, step=None):
+        ckpts = [f"{S}/{r}/ckpt.pt" if step is None else f"{S}/{r}/ckpt-{step:07d}.pt" for r in runs]
+        return ["sweep.py", "--ckpt", *ckpts, "--n", str(a.n), "--ref", ref, "--kid", "--prdc", "--kid-subset-size",
+                str(a.n // 2), "--amp", "none", "--out", f"{S}/{out}", *(extra or ["--w-eff", "0,1", "--steps", "25"])]
+    final = ["--w-eff", W_EFF, "--steps", "25"]
+    three = ["standard", "aligned-w2", "guidance-free"]
+    return [
+        ("ref", ["fid.py", real("train"), "--img-size", "16", "--n", "2000", "--save-stats", ref, "--with-features"]),
+        ("realvsreal", ["fid.py", real("test"), ref, "--img-size", "16", "--n", str(a.n), "--kid", "--prdc",
+                        "--kid-subset-size", str(a.n // 2)]),
+        ("train_standard", train("standard", "standard")),
+        ("final_standard", sweep("final", ["standard"], *final)),
+        ("train_aligned", train("aligned-w2", "aligned", w="2")),
+        ("final_aligned", sweep("final", ["aligned-w2"], *final)),
+        ("train_gf", train("guidance-free", "guidance-free", w=W, gf_start=str(N // 2))),
+        ("final_gf", sweep("final", ["guidance-free"], *final)),
+        ("seed_floor", sweep("seed1000", ["standard", "aligned-w2"], "--w-eff", "1", "--steps", "25",
+                             "--seed", "1000")),
+        # equal compute: an aligned step is two network evaluations with gradient per image, two standard steps
+        ("copy_standard", ["cp", f"{S}/standard/ckpt-{N:07d}.pt", f"{S}/standard-2x/ckpt.pt"]),
+        ("train_standard_2x", train("standard-2x", "standard", 2 * N)),
+        ("equal_compute", sweep("final", ["standard-2x"], "--w-eff", f"0,1,{W}", "--steps", "25")),
+        ("equal_w", sweep("equal_w", ["aligned-w2"], "--w", "0,1,3", "--steps", "25")),
+        ("steps10", sweep("steps10", three, "--w-eff", "0,1", "--steps", "10")),
+        ("curves_800", sweep("curves", three, step=N // 2)),
+        ("train_ablation_std", train("standard-dropout0.1", "standard", N // 2, dropout="0.1")),
+        ("train_ablation_aligned", train("aligned-w2-dropout0.1", "aligned", N // 2, w="2", dropout="0.1")),
+        ("train_ablation_lr", train("aligned-w2-lr1e-4", "aligned", N // 2, w="2", lr="1e-4")),
+        ("ablation", sweep("ablation", ["standard-dropout0.1", "aligned-w2-dropout0.1", "aligned-w2-lr1e-4"],
+                           "--w-eff", "1", "--steps", "25")),
+        ("curves_400", sweep("curves", three, step=N // 4)),
+        ("curves_1200", sweep("curves", three, step=3 * N // 4)),
+    ]
+
+
+def command_line(cmd):
+    """What a reader types for a stage: python and the script's arguments, or the copy."""
+    return shlex.join(cmd if cmd[0] == "cp" else ["python", *cmd])
+
+
+def finished(out):
+    """{stage: wall seconds} from <out>/stages.tsv."""
+    path = os.path.join(out, "stages.tsv")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {name: float(seconds) for name, seconds, *_ in csv.reader(f, delimiter="\t")}
+
+
+def run_stage(out, name, cmd):
+    """Run one stage, its output echoed and kept in <out>/logs/<name>.log; record it once it succeeded. A signal is
+    passed on to the child, which stops cleanly (train.py saves its step); the study then exits as it did."""
+    print(f"=== {name}: {command_line(cmd)}", flush=True)
+    t0 = time.time()
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    if cmd[0] == "cp":  # the continued run starts from a copy, so the original keeps its checkpoint and its cells
+        os.makedirs(os.path.dirname(cmd[2]), exist_ok=True)
+        shutil.copyfile(cmd[1], cmd[2] + ".tmp")
+        os.replace(cmd[2] + ".tmp", cmd[2])
+    else:
+        child = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)  # a terminal's Ctrl-C reaches the study, which passes it on
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda s, _: child.send_signal(s))
+        with open(os.path.join(out, "logs", f"{name}.log"), "a") as log:
+            for line in child.stdout:
+                print(line, end="", flush=True)
+                log.write(line)
+        if child.wait():
+            sys.exit(f"study: stage {name} ended with status {child.returncode}: run the same command to resume")
+    with open(os.path.join(out, "stages.tsv"), "a") as f:
+        f.write(f"{name}\t{time.time() - t0:.0f}\t{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+
+
+# ---- the report ----
+
+
+def cell(r, what="fid"):
+    if what == "kid":
+        return f"{float(r['kid']):.4f} ± {float(r['kid_std']):.4f}"
+    return f"{float(r[what]):.1f}" if what == "fid" else f"{float(r[what]):.3f}"
+
+
+def table(rows, column, what, title):
+    """Markdown: a row per run, a column per value of `column`."""
+    cols = sorted({float(r[column]) for r in rows})
+    out = [f"| {title} | " + " | ".join(f"{column} = {c:g}" for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for run in dict.fromkeys(run_name(r["checkpoint"]) for r in rows):
+        mine = {float(r[column]): r for r in rows if run_name(r["checkpoint"]) == run}
+        out.append(f"| {run} | " + " | ".join(cell(mine[c], what) if c in mine else "" for c in cols) + " |")
+    return "\n".join(out)
+
+
+def report(a):
+    """Tables (<results>/study.md), figures and the sweeps' results.csv files, from what has finished."""
+    S, R = a.out, a.results
+    os.makedirs(R, exist_ok=True)
+    got = {name: read_results(os.path.join(S, name, "results.csv"))
+           for name in ("final", "seed1000", "equal_w", "steps10", "curves", "ablation")}
+    md = []
+    for name, rows in got.items():
+        if rows:
+            shutil.copyfile(os.path.join(S, name, "results.csv"), os.path.join(R, f"study_{name}.csv"))
+    final = got["final"]
+    for what, title in [("fid", "FID"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall")]:
+        if final:
+            md += [f"### {title}, 25 DDIM steps, n = {final[0]['n']}", "", table(final, "w_eff", what, title), ""]
+    best = {}
+    for rows in (final, got["equal_w"]):
+        for r in rows:
+            run = run_name(r["checkpoint"])
+            if run not in best or float(r["fid"]) < float(best[run]["fid"]):
+                best[run] = r
+    if best:
+        md += ["### Each model at its best w (lowest FID of its 25-step cells)", "",
+               "| model | w | w_eff | FID | KID | precision | recall |", "|---|---:|---:|---:|---:|---:|---:|"]
+        md += [f"| {run} | {float(r['w']):g} | {float(r['w_eff']):g} | {cell(r)} | {cell(r, 'kid')} | "
+               f"{cell(r, 'precision')} | {cell(r, 'recall')} |" for run, r in best.items()]
+        md.append("")
+        for run, r in best.items():
+            folder = "final" if r in final else "equal_w"
+            grid = os.path.join(S, folder, "grids", f"{run}_steps25_w{float(r['w']):g}.png")
+            if os.path.exists(grid):
+                shutil.copyfile(grid, os.path.join(R, f"study_grid_{run}.png"))
+    half = [r for r in got["curves"] if run_name(r["checkpoint"]).endswith(f"@{a.iters // 2}")]
+    for name, column, title, extra in [("equal_w", "w", "aligned at equal sampling w", []),
+                                       ("steps10", "w_eff", "10 DDIM steps", []),
+                                       ("ablation", "w_eff", f"ablation at step {a.iters // 2}, beside the main runs",
+                                        half)]:
+        rows = got[name] + [r for r in extra if float(r["w_eff"]) in {float(x["w_eff"]) for x in got[name]}]
+        for what in ("fid", "kid") if rows else ():
+            md += [f"### {title}: {what.upper()}", "", table(rows, column, what, what.upper()), ""]
+    seed = got["seed1000"]
+    if seed:
+        md += ["### Noise floor: the same cells from seeds 1000.. instead of 0..", "",
+               "| model, w_eff | FID seed 0 | FID seed 1000 | KID seed 0 | KID seed 1000 |",
+               "|---|---:|---:|---:|---:|"]
+        for r in seed:
+            twin = next((f for f in final if f["checkpoint"] == r["checkpoint"] and f["w"] == r["w"]), None)
+            if twin:
+                md.append(f"| {run_name(r['checkpoint'])}, {float(r['w_eff']):g} | {cell(twin)} | {cell(r)} | "
+                          f"{cell(twin, 'kid')} | {cell(r, 'kid')} |")
+        md.append("")
+    real = os.path.join(S, "logs", "realvsreal.log")
+    if os.path.exists(real):  # fid.py's lines: 'KID: m ± s', 'precision: p', ..., 'FID: f'
+        with open(real) as f:
+            figures = dict(line.strip().split(": ", 1) for line in f if line.split(":")[0] in
+                           ("KID", "precision", "recall", "density", "coverage", "FID"))
+        md += [f"Real against real ({a.n} test images against the reference): " +
+               ", ".join(f"{k} {v}" for k, v in figures.items()), ""]
+    curves = got["curves"] + [r for r in final if run_name(r["checkpoint"]) in MODELS[:3]
+                              and float(r["w_eff"]) in (0, 1)]
+    if got["curves"]:
+        step = lambda r: int(run_name(r["checkpoint"]).partition("@")[2] or a.iters)
+        for what, title in [("fid", "FID"), ("kid", "KID")]:
+            md += [f"### Learning curves: {title} by training step (25 DDIM steps)", "",
+                   "| model, w_eff | " + " | ".join(f"step {s}" for s in sorted({step(r) for r in curves})) + " |",
+                   "|---|" + "---:|" * len({step(r) for r in curves})]
+            for run in MODELS[:3]:
+                for w_eff in (0.0, 1.0):
+                    mine = {step(r): r for r in curves if run_name(r["checkpoint"]).split("@")[0] == run
+                            and float(r["w_eff"]) == w_eff}
+                    md.append(f"| {run}, {w_eff:g} | " + " | ".join(cell(mine[s], what) if s in mine else ""
+                                                                    for s in sorted({step(r) for r in curves})) + " |")
+            md.append("")
+        plot_curves(curves, step, os.path.join(R, "study_curves.png"))
+    if final and not plot(final, "w_eff", os.path.join(R, "study_final.png")):
+        warn("matplotlib is not installed: no figures (pip install matplotlib)")
+    times = finished(S)
+    md += ["### Wall time of each stage", "", "| stage | minutes |", "|---|---:|"]
+    md += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in times.items()]
+    md += [f"| all | {sum(times.values()) / 60:.1f} |", ""]
+    write_atomic(os.path.join(R, "study.md"), lambda f: f.write("\n".join(md).encode()))
+    print(f"wrote {R}/study.md and the figures and csv files beside it")
+
+
+def plot_curves(rows, step, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, w_eff in zip(axes, (0.0, 1.0)):
+        for run in MODELS[:3]:
+            points = sorted((step(r), float(r["fid"])) for r in rows
+                            if run_name(r["checkpoint"]).split("@")[0] == run and float(r["w_eff"]) == w_eff)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=run)
+        ax.set(xlabel="training step", ylabel="FID", title=f"w_eff = {w_eff:g}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--data", default="cifar10", help="training images: cifar10 (downloaded) or a folder of class "
+                   "sub-folders, e.g. an image-folder copy of CIFAR-10's training set")
+    p.add_argument("--test", default="cifar10-test", help="the real images scored against the reference for the "
+                   "real-vs-real noise floor: cifar10-test or a folder")
+    p.add_argument("--out", type=output_dir, default="runs/study", help="folder of the runs, sweeps and stages.tsv")
+    p.add_argument("--results", type=output_dir, default="results", help="--report: folder for tables and figures")
+    p.add_argument("--iters", type=number(int, lo=4, multiple=4), default=1600, help="training steps N of each model "
+                   "(a multiple of 4: checkpoints are kept at N/4, N/2, 3N/4 and N)")
+    p.add_argument("--n", type=number(int, lo=4, multiple=2), default=1000, help="images per sweep cell (even: KID's "
+                   "subsets are n/2)")
+    p.add_argument("--list", action="store_true", help="print every stage's command line, and whether it finished")
+    p.add_argument("--report", action="store_true", help="write the tables and figures from the finished stages")
+    a = p.parse_args(argv)
+    if a.data != "cifar10" and not os.path.isdir(a.data):
+        p.error(f"--data {a.data}: no such folder")
+    if a.test != "cifar10-test" and not os.path.isdir(a.test):
+        p.error(f"--test {a.test}: no such folder")
+    if a.report:
+        return report(a)
+    while True:
+        done, W = finished(a.out), standard_best_w(a.out)
+        todo = [(name, cmd) for name, cmd in stages(a, W or "W") if name not in done]
+        if a.list:
+            for name, cmd in stages(a, W or "W"):
+                print(f"{'done' if name in done else 'todo'} {name}: {command_line(cmd)}")
+            return
+        if not todo:
+            print(f"study: every stage is done ({sum(done.values()) / 60:.0f} min in all); python study.py --report")
+            return
+        if "W" in todo[0][1]:
+            p.error(f"stage {todo[0][0]} needs the standard model's best w_eff, but {a.out}/final/results.csv lacks "
+                    f"some of its cells: delete the final_standard line of {a.out}/stages.tsv to sweep them again")
+        run_stage(a.out, *todo[0])
+
+
+if __name__ == "__main__":
+    main()
