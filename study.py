@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from PIL import Image
+
 from flags import number, output_dir, parser
 from runtime import warn, write_atomic
 from sweep import plot, read_results, run_name
@@ -103,6 +105,7 @@ def run_stage(out, name, cmd):
     print(f"=== {name}: {command_line(cmd)}", flush=True)
     t0 = time.time()
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    status = 0
     if cmd[0] == "cp":  # the continued run starts from a copy, so the original keeps its checkpoint and its cells
         os.makedirs(os.path.dirname(cmd[2]), exist_ok=True)
         shutil.copyfile(cmd[1], cmd[2] + ".tmp")
@@ -116,10 +119,13 @@ def run_stage(out, name, cmd):
             for line in child.stdout:
                 print(line, end="", flush=True)
                 log.write(line)
-        if child.wait():
-            sys.exit(f"study: stage {name} ended with status {child.returncode}: run the same command to resume")
-    with open(os.path.join(out, "stages.tsv"), "a") as f:
-        f.write(f"{name}\t{time.time() - t0:.0f}\t{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+        status = child.wait()
+    with open(os.path.join(out, "stages.tsv"), "a") as f:  # a stopped stage's time too, so that the total is all of it
+        f.write(f"{name}{' (stopped)' * bool(status)}\t{time.time() - t0:.0f}\t"
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+    if status:
+        print(f"study: stage {name} ended with status {status}: run the same command to resume", file=sys.stderr)
+        sys.exit(status)
 
 
 # ---- the report ----
@@ -170,8 +176,10 @@ def report(a):
         for run, r in best.items():
             folder = "final" if r in final else "equal_w"
             grid = os.path.join(S, folder, "grids", f"{run}_steps25_w{float(r['w']):g}.png")
-            if os.path.exists(grid):
-                shutil.copyfile(grid, os.path.join(R, f"study_grid_{run}.png"))
+            if os.path.exists(grid):  # 16 x 16 images, shown 4 times as large, each pixel a square
+                with Image.open(grid) as im:
+                    im.resize((4 * im.width, 4 * im.height), Image.Resampling.NEAREST).save(
+                        os.path.join(R, f"study_grid_{run}.png"))
     half = [r for r in got["curves"] if run_name(r["checkpoint"]).endswith(f"@{a.iters // 2}")]
     for name, column, title, extra in [("equal_w", "w", "aligned at equal sampling w", []),
                                        ("steps10", "w_eff", "10 DDIM steps", []),

@@ -2455,10 +2455,13 @@ def test_study_report_picks_each_best_w_reads_the_floors_and_skips_done_stages(t
     ran = []
     monkeypatch.setattr(study, "stages", lambda a, W: [("ref", ["never.py"]), ("ok", ["-c", "print('hi')"]),
                                                        ("bad", ["-c", "import sys; sys.exit(2)"])])
-    with pytest.raises(SystemExit, match="stage bad ended with status 2: run the same command to resume"):
+    with pytest.raises(SystemExit) as e:
         study.main(["--out", str(out)])
-    assert "=== ok: python -c" in capsys.readouterr().out
-    assert [line.split("\t")[0] for line in (out / "stages.tsv").read_text().splitlines()] == ["ref", "train_standard", "ok"]
+    output = capsys.readouterr()
+    assert e.value.code == 2 and "study: stage bad ended with status 2: run the same command to resume" in output.err
+    assert "=== ok: python -c" in output.out
+    assert [line.split("\t")[0] for line in (out / "stages.tsv").read_text().splitlines()] == \
+        ["ref", "train_standard", "ok", "bad (stopped)"]  # the stopped stage's time is counted, and it runs again
     assert (out / "logs" / "ok.log").read_text() == "hi\n"
 
 
