@@ -53,7 +53,7 @@ def stages(a, W):
     def sweep(out, runs, *extra, step=None):
         ckpts = [f"{S}/{r}/ckpt.pt" if step is None else f"{S}/{r}/ckpt-{step:07d}.pt" for r in runs]
         return ["sweep.py", "--ckpt", *ckpts, "--n", str(a.n), "--ref", ref, "--kid", "--prdc", "--kid-subset-size",
-                str(a.n // 2), "--amp", "none", "--out", f"{S}/{out}", *(extra or ["--w-eff", "0,1", "--steps", "25"])]
+                str(a.n // 2), "--amp", "none", "--out", f"{S}/{out}", *(extra or ["--w-eff", "0,1", "--steps", "10"])]
     final = ["--w-eff", W_EFF, "--steps", "25"]
     three = ["standard", "aligned-w2", "guidance-free"]
     return [
@@ -74,12 +74,14 @@ def stages(a, W):
         ("equal_compute", sweep("final", ["standard-2x"], "--w-eff", f"0,1,{W}", "--steps", "25")),
         ("equal_w", sweep("equal_w", ["aligned-w2"], "--w", "0,1,3", "--steps", "25")),
         ("steps10", sweep("steps10", three, "--w-eff", "0,1", "--steps", "10")),
+        # learning curves at 10 DDIM steps, a third of the cost of 25 (Inception's pass over each cell stays): the
+        # steps10 stage holds their last point, step N
         ("curves_800", sweep("curves", three, step=N // 2)),
         ("train_ablation_std", train("standard-dropout0.1", "standard", N // 2, dropout="0.1")),
         ("train_ablation_aligned", train("aligned-w2-dropout0.1", "aligned", N // 2, w="2", dropout="0.1")),
         ("train_ablation_lr", train("aligned-w2-lr1e-4", "aligned", N // 2, w="2", lr="1e-4")),
         ("ablation", sweep("ablation", ["standard-dropout0.1", "aligned-w2-dropout0.1", "aligned-w2-lr1e-4"],
-                           "--w-eff", "1", "--steps", "25")),
+                           "--w-eff", "1", "--steps", "10")),
         ("curves_400", sweep("curves", three, step=N // 4)),
         ("curves_1200", sweep("curves", three, step=3 * N // 4)),
     ]
@@ -206,12 +208,11 @@ def report(a):
                            ("KID", "precision", "recall", "density", "coverage", "FID"))
         md += [f"Real against real ({a.n} test images against the reference): " +
                ", ".join(f"{k} {v}" for k, v in figures.items()), ""]
-    curves = got["curves"] + [r for r in final if run_name(r["checkpoint"]) in MODELS[:3]
-                              and float(r["w_eff"]) in (0, 1)]
+    curves = got["curves"] + [r for r in got["steps10"] if run_name(r["checkpoint"]) in MODELS[:3]]
     if got["curves"]:
         step = lambda r: int(run_name(r["checkpoint"]).partition("@")[2] or a.iters)
         for what, title in [("fid", "FID"), ("kid", "KID")]:
-            md += [f"### Learning curves: {title} by training step (25 DDIM steps)", "",
+            md += [f"### Learning curves: {title} by training step (10 DDIM steps)", "",
                    "| model, w_eff | " + " | ".join(f"step {s}" for s in sorted({step(r) for r in curves})) + " |",
                    "|---|" + "---:|" * len({step(r) for r in curves})]
             for run in MODELS[:3]:
@@ -239,15 +240,17 @@ def plot_curves(rows, step, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, w_eff in zip(axes, (0.0, 1.0)):
-        for run in MODELS[:3]:
-            points = sorted((step(r), float(r["fid"])) for r in rows
-                            if run_name(r["checkpoint"]).split("@")[0] == run and float(r["w_eff"]) == w_eff)
-            if points:
-                ax.plot(*zip(*points), marker="o", label=run)
-        ax.set(xlabel="training step", ylabel="FID", title=f"w_eff = {w_eff:g}")
-        ax.legend()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
+    for row, what in enumerate(("fid", "kid")):
+        for ax, w_eff in zip(axes[row], (0.0, 1.0)):
+            for run in MODELS[:3]:
+                points = sorted((step(r), float(r[what])) for r in rows
+                                if run_name(r["checkpoint"]).split("@")[0] == run and float(r["w_eff"]) == w_eff)
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=run)
+            ax.set(xlabel="training step", ylabel=what.upper(), title=f"{what.upper()} at w_eff = {w_eff:g}")
+            if ax.lines:
+                ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

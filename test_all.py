@@ -2435,7 +2435,8 @@ def test_study_report_picks_each_best_w_reads_the_floors_and_skips_done_stages(t
             [_study_row(ali, w, f, w=2 + 3 * w) for w, f in [(0, 120), (0.5, 110), (1, 100), (2, 105), (3, 130)]]
     for name, rows in [("final", final), ("seed1000", [_study_row(std, 1, 71.5)]),
                        ("equal_w", [_study_row(ali, -2 / 3, 95, w=0)]),
-                       ("curves", [_study_row(f"{out}/standard/ckpt-0000800.pt", 1, 88)])]:
+                       ("curves", [_study_row(f"{out}/standard/ckpt-0000800.pt", 1, 88, steps=10)]),
+                       ("steps10", [_study_row(std, 1, 77, steps=10)])]:
         (out / name).mkdir(parents=True)
         sweep.write_results(out / name / "results.csv", rows)
     assert study.standard_best_w(str(out)) == "1"  # the lowest FID at w_eff > 0
@@ -2447,10 +2448,11 @@ def test_study_report_picks_each_best_w_reads_the_floors_and_skips_done_stages(t
     assert "| standard | 1 | 1 | 70.0 |" in md and "| aligned-w2 | 0 | -0.666667 | 95.0 |" in md  # equal_w's cell won
     assert "| standard, 1 | 70.0 | 71.5 |" in md  # the seed floor beside its seed-0 cell
     assert "FID 30.0000" in md and "KID 0.000100 ± 0.000050" in md
-    assert "| standard, 1 | 88.0 | 70.0 |" in md  # the learning curve: step 800, then the final model at 1600
+    assert "| standard, 1 | 88.0 | 77.0 |" in md  # the learning curve at 10 steps: step 800, then 1600 from steps10
     assert "| all | 11.0 |" in md
     assert sorted(p.name for p in (tmp_path / "r").glob("*.csv")) == ["study_curves.csv", "study_equal_w.csv",
-                                                                       "study_final.csv", "study_seed1000.csv"]
+                                                                       "study_final.csv", "study_seed1000.csv",
+                                                                       "study_steps10.csv"]
     # running: a stage in stages.tsv is skipped, the next one runs as a child; a failing one stops the study unrecorded
     ran = []
     monkeypatch.setattr(study, "stages", lambda a, W: [("ref", ["never.py"]), ("ok", ["-c", "print('hi')"]),
