@@ -91,10 +91,9 @@ def load_cifar10(split="train", data_dir="data", url=CIFAR10_URL, md5=CIFAR10_MD
 def resize(im, img_size):
     """A PIL image resized so its short side is img_size and centre-cropped to img_size x img_size. Bicubic, which
     PIL filters over the whole footprint when it shrinks: 32 -> 16 averages, it does not drop every other pixel."""
-    scale = img_size / min(im.size)
-    if scale != 1:
-        im = im.resize((max(img_size, round(im.width * scale)), max(img_size, round(im.height * scale))),
-                       Image.Resampling.BICUBIC)
+    scale = img_size / min(im.size)  # at scale 1 PIL's resize is a copy
+    im = im.resize((max(img_size, round(im.width * scale)), max(img_size, round(im.height * scale))),
+                   Image.Resampling.BICUBIC)
     left, top = (im.width - img_size) // 2, (im.height - img_size) // 2
     return im.crop((left, top, left + img_size, top + img_size))
 

@@ -31,13 +31,9 @@ HEADER = ["checkpoint", "loss", "w_train", "p_uncond", "w", "w_eff", "steps", "e
 def run_name(path):
     """A short name for a checkpoint: its run folder for .../<run>/ckpt.pt, <run>@<step> for train.py --keep-every's
     .../<run>/ckpt-<step>.pt, else the file's stem."""
-    head, tail = os.path.split(os.path.normpath(path))
-    stem = os.path.splitext(tail)[0]
-    if head and tail == "ckpt.pt":
-        return os.path.basename(head)
-    if head and stem.startswith("ckpt-") and stem[5:].isdigit():
-        return f"{os.path.basename(head)}@{int(stem[5:])}"
-    return stem
+    head, stem = os.path.split(os.path.splitext(os.path.normpath(path))[0])
+    step = stem[5:] if stem.startswith("ckpt-") and stem[5:].isdigit() else None
+    return os.path.basename(head) + (f"@{int(step)}" if step else "") if head and (stem == "ckpt" or step) else stem
 
 
 def read_results(path):
@@ -162,10 +158,8 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
         models = {path: load_checkpoint(path, device=device) for path in ckpts}
     except CheckpointError as e:
         raise FIDError(str(e)) from None
-    sizes = {model.img_size for model, _ in models.values()}
-    if len(sizes) > 1:
+    if len(sizes := {model.img_size for model, _ in models.values()}) > 1:  # an image reference is resized to theirs
         raise FIDError(f"the checkpoints make images of {len(sizes)} sizes {sorted(sizes)}: sweep each size on its own")
-    img_size = sizes.pop()  # an image reference is resized to it, as training resized the data
     todo = []
     for path in ckpts:
         for steps in steps_list:
@@ -179,7 +173,7 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
     if todo and main:  # the other ranks only sample, and wait for rank 0 in the next cell's gather
         inception = load_inception(weights, device)  # once, for the reference (unless cached) and every cell
         mu_ref, sigma_ref, n_ref, feats_ref = fid.input_statistics(ref, inception, fid_batch_size, device, data_dir,
-                                                                   weights, features=kid or prdc, img_size=img_size)
+                                                                   weights, features=kid or prdc, img_size=sizes.pop())
         if kid and n_ref < kid_subset_size:
             raise FIDError(f"--kid-subset-size {kid_subset_size} is more than the {n_ref} images of {ref}: lower it to "
                            f"at most {n_ref}")
