@@ -93,12 +93,14 @@ def command_line(cmd):
 
 
 def finished(out):
-    """{stage: wall seconds} from <out>/stages.tsv."""
+    """{stage: wall seconds} from <out>/stages.tsv, a stage's stopped attempts summed under '<stage> (stopped)'."""
     path = os.path.join(out, "stages.tsv")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return {name: float(seconds) for name, seconds, *_ in csv.reader(f, delimiter="\t")}
+    times = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for name, seconds, *_ in csv.reader(f, delimiter="\t"):
+                times[name] = times.get(name, 0) + float(seconds)
+    return times
 
 
 def run_stage(out, name, cmd):
@@ -226,6 +228,8 @@ def report(a):
     if final and not plot(final, "w_eff", os.path.join(R, "study_final.png")):
         warn("matplotlib is not installed: no figures (pip install matplotlib)")
     times = finished(S)
+    for name in [n for n in times if n.endswith(" (stopped)") and n.removesuffix(" (stopped)") in times]:
+        times[name.removesuffix(" (stopped)")] += times.pop(name)  # a resumed stage's time is all its attempts'
     md += ["### Wall time of each stage", "", "| stage | minutes |", "|---|---:|"]
     md += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in times.items()]
     md += [f"| all | {sum(times.values()) / 60:.1f} |", ""]

@@ -2442,14 +2442,16 @@ def test_study_report_picks_each_best_w_reads_the_floors_and_skips_done_stages(t
     assert study.standard_best_w(str(out)) == "1"  # the lowest FID at w_eff > 0
     (out / "logs").mkdir()
     (out / "logs" / "realvsreal.log").write_text("x: 1000 images\nKID: 0.000100 ± 0.000050\nprecision: 0.7000\nFID: 30.0000\n")
-    (out / "stages.tsv").write_text("ref\t60\t2026-12-02T00:00:00Z\ntrain_standard\t600\t2026-12-02T00:10:00Z\n")
+    (out / "stages.tsv").write_text("ref\t60\t2026-12-02T00:00:00Z\ntrain_standard (stopped)\t30\t2026-12-02T00:01:00Z\n"
+                                    "train_standard (stopped)\t30\t2026-12-02T00:02:00Z\n"
+                                    "train_standard\t540\t2026-12-02T00:10:00Z\n")
     study.main(["--report", "--out", str(out), "--results", str(tmp_path / "r")])
     md = (tmp_path / "r" / "study.md").read_text()
     assert "| standard | 1 | 1 | 70.0 |" in md and "| aligned-w2 | 0 | -0.666667 | 95.0 |" in md  # equal_w's cell won
     assert "| standard, 1 | 70.0 | 71.5 |" in md  # the seed floor beside its seed-0 cell
     assert "FID 30.0000" in md and "KID 0.000100 ± 0.000050" in md
     assert "| standard, 1 | 88.0 | 77.0 |" in md  # the learning curve at 10 steps: step 800, then 1600 from steps10
-    assert "| all | 11.0 |" in md
+    assert "| train_standard | 10.0 |" in md and "| all | 11.0 |" in md  # its two stopped attempts' time added
     assert sorted(p.name for p in (tmp_path / "r").glob("*.csv")) == ["study_curves.csv", "study_equal_w.csv",
                                                                        "study_final.csv", "study_seed1000.csv",
                                                                        "study_steps10.csv"]
@@ -2463,7 +2465,7 @@ def test_study_report_picks_each_best_w_reads_the_floors_and_skips_done_stages(t
     assert e.value.code == 2 and "study: stage bad ended with status 2: run the same command to resume" in output.err
     assert "=== ok: python -c" in output.out
     assert [line.split("\t")[0] for line in (out / "stages.tsv").read_text().splitlines()] == \
-        ["ref", "train_standard", "ok", "bad (stopped)"]  # the stopped stage's time is counted, and it runs again
+        ["ref"] + ["train_standard (stopped)"] * 2 + ["train_standard", "ok", "bad (stopped)"]  # the stopped stage's time is counted, and it runs again
     assert (out / "logs" / "ok.log").read_text() == "hi\n"
 
 
