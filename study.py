@@ -185,11 +185,12 @@ def report(a):
                     im.resize((4 * im.width, 4 * im.height), Image.Resampling.NEAREST).save(
                         os.path.join(R, f"study_grid_{run}.png"))
     half = [r for r in got["curves"] if run_name(r["checkpoint"]).endswith(f"@{a.iters // 2}")]
-    for name, column, title, extra in [("equal_w", "w", "aligned at equal sampling w", []),
+    standard = [r for r in final if run_name(r["checkpoint"]) == "standard"]  # its w is its w_eff
+    for name, column, title, extra in [("equal_w", "w", "aligned at equal sampling w, beside standard", standard),
                                        ("steps10", "w_eff", "10 DDIM steps", []),
                                        ("ablation", "w_eff", f"ablation at step {a.iters // 2}, beside the main runs",
                                         half)]:
-        rows = got[name] + [r for r in extra if float(r["w_eff"]) in {float(x["w_eff"]) for x in got[name]}]
+        rows = got[name] + [r for r in extra if float(r[column]) in {float(x[column]) for x in got[name]}]
         for what in ("fid", "kid") if rows else ():
             md += [f"### {title}: {what.upper()}", "", table(rows, column, what, what.upper()), ""]
     seed = got["seed1000"]

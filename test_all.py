@@ -2449,6 +2449,7 @@ def test_study_report_picks_each_best_w_reads_the_floors_and_skips_done_stages(t
     md = (tmp_path / "r" / "study.md").read_text()
     assert "| standard | 1 | 1 | 70.0 |" in md and "| aligned-w2 | 0 | -0.666667 | 95.0 |" in md  # equal_w's cell won
     assert "| standard, 1 | 70.0 | 71.5 |" in md  # the seed floor beside its seed-0 cell
+    assert "| aligned-w2 | 95.0 |\n| standard | 90.0 |\n" in md  # equal sampling w: standard's w = 0 cell beside
     assert "FID 30.0000" in md and "KID 0.000100 ± 0.000050" in md
     assert "| standard, 1 | 88.0 | 77.0 |" in md  # the learning curve at 10 steps: step 800, then 1600 from steps10
     assert "| train_standard | 10.0 |" in md and "| all | 11.0 |" in md  # its two stopped attempts' time added
