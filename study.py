@@ -184,7 +184,7 @@ def report(a):
                 with Image.open(grid) as im:
                     im.resize((4 * im.width, 4 * im.height), Image.Resampling.NEAREST).save(
                         os.path.join(R, f"study_grid_{run}.png"))
-    half = [r for r in got["curves"] if run_name(r["checkpoint"]).endswith(f"@{a.iters // 2}")]
+    half = [r for r in got["curves"] if run_name(r["checkpoint"]) in [f"{m}@{a.iters // 2}" for m in MODELS[:2]]]
     standard = [r for r in final if run_name(r["checkpoint"]) == "standard"]  # its w is its w_eff
     for name, column, title, extra in [("equal_w", "w", "aligned at equal sampling w, beside standard", standard),
                                        ("steps10", "w_eff", "10 DDIM steps", []),
@@ -211,9 +211,10 @@ def report(a):
                            ("KID", "precision", "recall", "density", "coverage", "FID"))
         md += [f"Real against real ({a.n} test images against the reference): " +
                ", ".join(f"{k} {v}" for k, v in figures.items()), ""]
-    curves = got["curves"] + [r for r in got["steps10"] if run_name(r["checkpoint"]) in MODELS[:3]]
-    if got["curves"]:
-        step = lambda r: int(run_name(r["checkpoint"]).partition("@")[2] or a.iters)
+    step = lambda r: int(run_name(r["checkpoint"]).partition("@")[2] or a.iters)
+    curves = [r for r in got["curves"] + [r for r in got["steps10"] if run_name(r["checkpoint"]) in MODELS[:3]]
+              if not (run_name(r["checkpoint"]).startswith("guidance-free") and step(r) <= a.iters // 2)]
+    if got["curves"]:  # the guidance-free run is the standard one, bitwise, up to its --gf-start of N/2: left out
         for what, title in [("fid", "FID"), ("kid", "KID")]:
             md += [f"### Learning curves: {title} by training step (10 DDIM steps)", "",
                    "| model, w_eff | " + " | ".join(f"step {s}" for s in sorted({step(r) for r in curves})) + " |",

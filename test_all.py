@@ -2435,7 +2435,9 @@ def test_study_report_picks_each_best_w_reads_the_floors_and_skips_done_stages(t
             [_study_row(ali, w, f, w=2 + 3 * w) for w, f in [(0, 120), (0.5, 110), (1, 100), (2, 105), (3, 130)]]
     for name, rows in [("final", final), ("seed1000", [_study_row(std, 1, 71.5)]),
                        ("equal_w", [_study_row(ali, -2 / 3, 95, w=0)]),
-                       ("curves", [_study_row(f"{out}/standard/ckpt-0000800.pt", 1, 88, steps=10)]),
+                       ("curves", [_study_row(f"{out}/standard/ckpt-0000800.pt", 1, 88, steps=10),
+                                   _study_row(f"{out}/guidance-free/ckpt-0000800.pt", 1, 99, steps=10)]),
+                       ("ablation", [_study_row(f"{out}/aligned-w2-lr1e-4/ckpt.pt", 1, 111, steps=10)]),
                        ("steps10", [_study_row(std, 1, 77, steps=10)])]:
         (out / name).mkdir(parents=True)
         sweep.write_results(out / name / "results.csv", rows)
@@ -2452,8 +2454,11 @@ def test_study_report_picks_each_best_w_reads_the_floors_and_skips_done_stages(t
     assert "| aligned-w2 | 95.0 |\n| standard | 90.0 |\n" in md  # equal sampling w: standard's w = 0 cell beside
     assert "FID 30.0000" in md and "KID 0.000100 ± 0.000050" in md
     assert "| standard, 1 | 88.0 | 77.0 |" in md  # the learning curve at 10 steps: step 800, then 1600 from steps10
+    assert "| aligned-w2-lr1e-4 | 111.0 |\n| standard@800 | 88.0 |\n\n" in md  # the ablation beside the main run
+    assert "99.0" not in md  # guidance-free at step N/2 is still the standard model: in no table
     assert "| train_standard | 10.0 |" in md and "| all | 11.0 |" in md  # its two stopped attempts' time added
-    assert sorted(p.name for p in (tmp_path / "r").glob("*.csv")) == ["study_curves.csv", "study_equal_w.csv",
+    assert sorted(p.name for p in (tmp_path / "r").glob("*.csv")) == ["study_ablation.csv", "study_curves.csv",
+                                                                       "study_equal_w.csv",
                                                                        "study_final.csv", "study_seed1000.csv",
                                                                        "study_steps10.csv"]
     # running: a stage in stages.tsv is skipped, the next one runs as a child; a failing one stops the study unrecorded
