@@ -11,6 +11,7 @@ and, with matplotlib installed, results.png.
 import csv
 import io
 import os
+import re
 import sys
 import time
 
@@ -32,8 +33,8 @@ def run_name(path):
     """A short name for a checkpoint: its run folder for .../<run>/ckpt.pt, <run>@<step> for train.py --keep-every's
     .../<run>/ckpt-<step>.pt, else the file's stem."""
     head, stem = os.path.split(os.path.splitext(os.path.normpath(path))[0])
-    step = stem[5:] if stem.startswith("ckpt-") and stem[5:].isdigit() else None
-    return os.path.basename(head) + (f"@{int(step)}" if step else "") if head and (stem == "ckpt" or step) else stem
+    kept = re.fullmatch(r"ckpt(?:-(\d+))?", stem) if head else None  # the names train.py writes
+    return stem if kept is None else os.path.basename(head) + (f"@{int(kept[1])}" if kept[1] else "")
 
 
 def read_results(path):
@@ -122,8 +123,7 @@ def plot(rows, column, path):
         cells = sorted((float(r["w_eff"]), float(r["recall"]), float(r["precision"])) for r in pr if curve(r) == key)
         axes[0, 1].plot([c[1] for c in cells], [c[2] for c in cells], marker="o", label=f"{key[0]}, {key[1]} steps")
         for w_eff, recall, precision in cells:
-            axes[0, 1].annotate(f"{w_eff:g}", (recall, precision), textcoords="offset points", xytext=(4, 4),
-                                fontsize=7)
+            axes[0, 1].annotate(f"{w_eff:g}", (recall, precision), xytext=(4, 4), textcoords="offset points", fontsize=7)
     if pr:
         axes[0, 1].set(xlabel="recall (diversity)", ylabel="precision (fidelity)",
                        title="precision against recall, points labelled by w_eff")
@@ -143,8 +143,7 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
     cell there without them is recomputed, and its row replaced); return all rows. Under torchrun each rank draws its
     block of every cell's images and rank 0 alone scores them and writes; there on_cell(done, total) runs once each
     cell is in results.csv."""
-    if w_effs is None:
-        ws = ws or [0.0]
+    ws = ws or [0.0] if w_effs is None else ws
     method = sampler_text(sampler, v, guidance_interval)
     fid.check_input(ref)  # every input is checked before any work, and before out/ is made
     if kid and n < kid_subset_size:
