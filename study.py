@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 from PIL import Image
 
 from flags import number, output_dir, parser
@@ -29,6 +30,8 @@ TRAIN = {"--img-size": "16", "--ch": "32", "--ch-mult": "1,2,2", "--num-res-bloc
          "--seed": "0", "--amp": "none", "--sample-every": "0", "--sample-steps": "25"}
 W_EFF = "0,0.5,1,2,3"
 MODELS = ["standard", "aligned-w2", "guidance-free", "standard-2x"]
+# the second round's best aligned variant from scratch, continued to 4N, and its train.py flags
+LONG_ALIGNED, LONG_FLAGS = "aligned-w2", {"w": "2"}
 
 
 def standard_best_w(out):
@@ -38,53 +41,97 @@ def standard_best_w(out):
     return f"{float(min(rows, key=lambda r: float(r['fid']))['w_eff']):g}" if len(rows) == 4 else None
 
 
+def train(a, out, loss, iters=None, **flags):
+    """A train.py command line with TRAIN's flags, N steps unless iters; flags as w="2", lr="1e-4", detach_uncond=True."""
+    keep = str(a.iters // 4)
+    flags = {**TRAIN, "--save-every": keep, "--keep-every": keep,
+             **{f"--{k.replace('_', '-')}": v for k, v in flags.items()}}
+    return ["train.py", "--data", a.data, "--loss", loss, *[x for k, v in flags.items() for x in (k, v)[:1 + (v is not True)]],
+            "--iters", str(iters or a.iters), "--out", f"{a.out}/{out}"]
+
+
+def sweep(a, out, runs, *extra):
+    """A sweep.py command line over runs, each a run folder's ckpt.pt or, as <run>@<step>, its kept ckpt-<step>.pt."""
+    ckpts = [f"{a.out}/{r}/ckpt.pt" if not step else f"{a.out}/{r}/ckpt-{int(step):07d}.pt"
+             for r, _, step in (r.partition("@") for r in runs)]
+    return ["sweep.py", "--ckpt", *ckpts, "--n", str(a.n), "--ref", f"{a.out}/ref_train2000.npz", "--kid", "--prdc",
+            "--kid-subset-size", str(a.n // 2), "--amp", "none", "--out", f"{a.out}/{out}",
+            *(extra or ["--w-eff", "0,1", "--steps", "10"])]
+
+
 def stages(a, W):
     """(name, command line) of every stage, in order; W is the guidance-free model's W ('W' until it is known)."""
-    S, N, keep = a.out, a.iters, str(a.iters // 4)
+    S, N = a.out, a.iters
     real = lambda split: f"cifar10-{split}" if a.data == "cifar10" else a.data if split == "train" else a.test
     ref = f"{S}/ref_train2000.npz"
-
-    def train(out, loss, iters=N, **flags):  # flags: --w, --lr, ... as w="2", lr="1e-4"
-        flags = {**TRAIN, "--save-every": keep, "--keep-every": keep,
-                 **{f"--{k.replace('_', '-')}": v for k, v in flags.items()}}
-        return ["train.py", "--data", a.data, "--loss", loss, *[x for k, v in flags.items() for x in (k, v)],
-                "--iters", str(iters), "--out", f"{S}/{out}"]
-
-    def sweep(out, runs, *extra, step=None):
-        ckpts = [f"{S}/{r}/ckpt.pt" if step is None else f"{S}/{r}/ckpt-{step:07d}.pt" for r in runs]
-        return ["sweep.py", "--ckpt", *ckpts, "--n", str(a.n), "--ref", ref, "--kid", "--prdc", "--kid-subset-size",
-                str(a.n // 2), "--amp", "none", "--out", f"{S}/{out}", *(extra or ["--w-eff", "0,1", "--steps", "10"])]
     final = ["--w-eff", W_EFF, "--steps", "25"]
     three = ["standard", "aligned-w2", "guidance-free"]
+    at = lambda step: [f"{r}@{step}" for r in three]
     return [
         ("ref", ["fid.py", real("train"), "--img-size", "16", "--n", "2000", "--save-stats", ref, "--with-features"]),
         ("realvsreal", ["fid.py", real("test"), ref, "--img-size", "16", "--n", str(a.n), "--kid", "--prdc",
                         "--kid-subset-size", str(a.n // 2)]),
-        ("train_standard", train("standard", "standard")),
-        ("final_standard", sweep("final", ["standard"], *final)),
-        ("train_aligned", train("aligned-w2", "aligned", w="2")),
-        ("final_aligned", sweep("final", ["aligned-w2"], *final)),
-        ("train_gf", train("guidance-free", "guidance-free", w=W, gf_start=str(N // 2))),
-        ("final_gf", sweep("final", ["guidance-free"], *final)),
-        ("seed_floor", sweep("seed1000", ["standard", "aligned-w2"], "--w-eff", "1", "--steps", "25",
+        ("train_standard", train(a, "standard", "standard")),
+        ("final_standard", sweep(a, "final", ["standard"], *final)),
+        ("train_aligned", train(a, "aligned-w2", "aligned", w="2")),
+        ("final_aligned", sweep(a, "final", ["aligned-w2"], *final)),
+        ("train_gf", train(a, "guidance-free", "guidance-free", w=W, gf_start=str(N // 2))),
+        ("final_gf", sweep(a, "final", ["guidance-free"], *final)),
+        ("seed_floor", sweep(a, "seed1000", ["standard", "aligned-w2"], "--w-eff", "1", "--steps", "25",
                              "--seed", "1000")),
         # equal compute: an aligned step is two network evaluations with gradient per image, two standard steps
         ("copy_standard", ["cp", f"{S}/standard/ckpt-{N:07d}.pt", f"{S}/standard-2x/ckpt.pt"]),
-        ("train_standard_2x", train("standard-2x", "standard", 2 * N)),
-        ("equal_compute", sweep("final", ["standard-2x"], "--w-eff", f"0,1,{W}", "--steps", "25")),
-        ("equal_w", sweep("equal_w", ["aligned-w2"], "--w", "0,1,3", "--steps", "25")),
-        ("steps10", sweep("steps10", three, "--w-eff", "0,1", "--steps", "10")),
+        ("train_standard_2x", train(a, "standard-2x", "standard", 2 * N)),
+        ("equal_compute", sweep(a, "final", ["standard-2x"], "--w-eff", f"0,1,{W}", "--steps", "25")),
+        ("equal_w", sweep(a, "equal_w", ["aligned-w2"], "--w", "0,1,3", "--steps", "25")),
+        ("steps10", sweep(a, "steps10", three, "--w-eff", "0,1", "--steps", "10")),
         # learning curves at 10 DDIM steps, a third of the cost of 25 (Inception's pass over each cell stays): the
         # steps10 stage holds their last point, step N
-        ("curves_800", sweep("curves", three, step=N // 2)),
-        ("train_ablation_std", train("standard-dropout0.1", "standard", N // 2, dropout="0.1")),
-        ("train_ablation_aligned", train("aligned-w2-dropout0.1", "aligned", N // 2, w="2", dropout="0.1")),
-        ("train_ablation_lr", train("aligned-w2-lr1e-4", "aligned", N // 2, w="2", lr="1e-4")),
-        ("ablation", sweep("ablation", ["standard-dropout0.1", "aligned-w2-dropout0.1", "aligned-w2-lr1e-4"],
+        ("curves_800", sweep(a, "curves", at(N // 2))),
+        ("train_ablation_std", train(a, "standard-dropout0.1", "standard", N // 2, dropout="0.1")),
+        ("train_ablation_aligned", train(a, "aligned-w2-dropout0.1", "aligned", N // 2, w="2", dropout="0.1")),
+        ("train_ablation_lr", train(a, "aligned-w2-lr1e-4", "aligned", N // 2, w="2", lr="1e-4")),
+        ("ablation", sweep(a, "ablation", ["standard-dropout0.1", "aligned-w2-dropout0.1", "aligned-w2-lr1e-4"],
                            "--w-eff", "1", "--steps", "10")),
-        ("curves_400", sweep("curves", three, step=N // 4)),
-        ("curves_1200", sweep("curves", three, step=3 * N // 4)),
+        ("curves_400", sweep(a, "curves", at(N // 4))),
+        ("curves_1200", sweep(a, "curves", at(3 * N // 4))),
     ]
+
+
+def second_round(a, W="W"):
+    """The second round's stages (RESULTS.md, "Second round"), in the order that leaves the most useful part done at a
+    stop: training seeds, the gradient into eps(z, null), fine-tuning, the dose-response in w_t, four times the
+    training. It begins with the first round's stages it builds on, under their names, so each runs once for both."""
+    S, N, first = a.out, a.iters, dict(stages(a, W))
+    cells = lambda *runs: sweep(a, "round2", runs, "--w-eff", "0,1,3", "--steps", "25")
+    half = f"{S}/standard/ckpt-{N // 2:07d}.pt"  # fine-tuning starts from the standard model at N/2
+    plan = [(name, first[name]) for name in ("ref", "train_standard", "train_aligned")]
+    plan.append(("r2_seed0", cells("standard", "aligned-w2")))
+    for seed in ("1", "2"):  # a seed is the initial weights, the data order and every draw of noise and dropout
+        plan += [(f"r2_train_standard_seed{seed}", train(a, f"standard-seed{seed}", "standard", seed=seed)),
+                 (f"r2_train_aligned_seed{seed}", train(a, f"aligned-w2-seed{seed}", "aligned", w="2", seed=seed)),
+                 (f"r2_seed{seed}", cells(f"standard-seed{seed}", f"aligned-w2-seed{seed}"))]
+    plan += [
+        ("r2_train_detach", train(a, "aligned-w2-detach", "aligned", w="2", detach_uncond=True)),
+        ("r2_detach", cells("aligned-w2-detach")),
+        # N/2 aligned steps cost about N standard ones: the equal-compute partner is standard continued to 3N/2
+        ("r2_train_ft_aligned", train(a, "ft-aligned-w2", "aligned", N // 2, w="2", init_from=half)),
+        ("r2_train_ft_detach", train(a, "ft-aligned-w2-detach", "aligned", N // 2, w="2", detach_uncond=True,
+                                     init_from=half)),
+        ("r2_train_ft_standard", train(a, "ft-standard", "standard", N // 2, init_from=half)),
+        ("copy_standard", first["copy_standard"]), ("train_standard_2x", first["train_standard_2x"]),
+        ("r2_ft", cells("ft-aligned-w2", "ft-aligned-w2-detach", "ft-standard", f"standard-2x@{3 * N // 2}"))]
+    for w_t in ("0.5", "1", "4"):
+        plan += [(f"r2_train_aligned_w{w_t}", train(a, f"aligned-w{w_t}", "aligned", w=w_t)),
+                 (f"r2_wt{w_t}", cells(f"aligned-w{w_t}"))]
+    long = train(a, f"{LONG_ALIGNED}-4x", "aligned", 4 * N, **LONG_FLAGS)
+    plan += [("r2_copy_standard_4x", ["cp", f"{S}/standard-2x/ckpt.pt", f"{S}/standard-4x/ckpt.pt"]),
+             ("r2_train_standard_4x", train(a, "standard-4x", "standard", 4 * N)),
+             ("r2_copy_aligned_4x", ["cp", f"{S}/{LONG_ALIGNED}/ckpt.pt", f"{S}/{LONG_ALIGNED}-4x/ckpt.pt"]),
+             ("r2_train_aligned_4x", long),
+             ("r2_long", sweep(a, "round2", ["standard-2x", "standard-4x", f"{LONG_ALIGNED}-4x@{2 * N}",
+                                              f"{LONG_ALIGNED}-4x"], "--w-eff", "0,1", "--steps", "25"))]
+    return plan
 
 
 def command_line(cmd):
@@ -229,14 +276,95 @@ def report(a):
         plot_curves(curves, step, os.path.join(R, "study_curves.png"))
     if final and not plot(final, "w_eff", os.path.join(R, "study_final.png")):
         warn("matplotlib is not installed: no figures (pip install matplotlib)")
-    times = finished(S)
-    for name in [n for n in times if n.endswith(" (stopped)") and n.removesuffix(" (stopped)") in times]:
-        times[name.removesuffix(" (stopped)")] += times.pop(name)  # a resumed stage's time is all its attempts'
-    md += ["### Wall time of each stage", "", "| stage | minutes |", "|---|---:|"]
-    md += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in times.items()]
-    md += [f"| all | {sum(times.values()) / 60:.1f} |", ""]
+    md += wall_times(finished(S))
     write_atomic(os.path.join(R, "study.md"), lambda f: f.write("\n".join(md).encode()))
     print(f"wrote {R}/study.md and the figures and csv files beside it")
+
+
+def wall_times(times):
+    """Markdown: the minutes of each stage in `times` ({stage: seconds}), a resumed stage's attempts summed."""
+    for name in [n for n in times if n.endswith(" (stopped)") and n.removesuffix(" (stopped)") in times]:
+        times[name.removesuffix(" (stopped)")] += times.pop(name)
+    return ["### Wall time of each stage", "", "| stage | minutes |", "|---|---:|",
+            *[f"| {name} | {seconds / 60:.1f} |" for name, seconds in times.items()],
+            f"| all | {sum(times.values()) / 60:.1f} |", ""]
+
+
+SEEDS = {"standard": ["standard", "standard-seed1", "standard-seed2"],
+         "aligned-w2": ["aligned-w2", "aligned-w2-seed1", "aligned-w2-seed2"]}
+GROUPS = [("the gradient into eps(z, null)", ["aligned-w2", "aligned-w2-detach"]),
+          ("fine-tuning the standard model of step N/2 for N/2 steps, beside standard at N and at 3N/2 (equal compute)",
+           ["standard", "ft-standard", "ft-aligned-w2", "ft-aligned-w2-detach", "standard-2x@2400"]),
+          ("the dose-response in w_t (w_t = 0 is the standard loss)",
+           ["standard", "aligned-w0.5", "aligned-w1", "aligned-w2", "aligned-w4"]),
+          ("longer training: N, 2N and 4N steps", ["standard", "standard-2x", "standard-4x", "aligned-w2",
+                                                   f"{LONG_ALIGNED}-4x@3200", f"{LONG_ALIGNED}-4x"])]
+
+
+def report_second_round(a):
+    """<results>/study_round2.md and its figure, from <out>/round2/results.csv: the training-seed spread of each cell
+    and the paired difference per seed first, then each ablation's runs side by side."""
+    S, R = a.out, a.results
+    rows = read_results(os.path.join(S, "round2", "results.csv"))
+    if not rows:
+        return print(f"study: {S}/round2/results.csv has no cells yet")
+    os.makedirs(R, exist_ok=True)
+    shutil.copyfile(os.path.join(S, "round2", "results.csv"), os.path.join(R, "study_round2.csv"))
+    fid = {(run_name(r["checkpoint"]), float(r["w_eff"])): float(r["fid"]) for r in rows}
+    cols = sorted({w for _, w in fid})
+    md = ["### Training seeds: FID of seeds 0, 1, 2 (mean, min-max)", "",
+          "| loss, w_eff | seed 0 | seed 1 | seed 2 | mean | min-max |", "|---|---:|---:|---:|---:|---:|"]
+    for loss, runs in SEEDS.items():
+        for w in cols:
+            got = [fid.get((run, w)) for run in runs]
+            have = [f for f in got if f is not None]
+            md.append(f"| {loss}, {w:g} | " + " | ".join("" if f is None else f"{f:.1f}" for f in got) +
+                      (f" | {np.mean(have):.1f} | {min(have):.1f}-{max(have):.1f} |" if have else " | | |"))
+    md += ["", "### Paired difference, aligned - standard FID, per training seed (same initial weights and data order)",
+           "", "| w_eff | seed 0 | seed 1 | seed 2 | mean |", "|---|---:|---:|---:|---:|"]
+    for w in cols:
+        diff = [fid[(al, w)] - fid[(st, w)] if (al, w) in fid and (st, w) in fid else None
+                for st, al in zip(*SEEDS.values())]
+        have = [d for d in diff if d is not None]
+        md.append(f"| {w:g} | " + " | ".join("" if d is None else f"{d:+.1f}" for d in diff) +
+                  (f" | {np.mean(have):+.1f} |" if have else " | |"))
+    md.append("")
+    for title, runs in GROUPS:
+        mine = sorted((r for r in rows if run_name(r["checkpoint"]) in runs),
+                      key=lambda r: runs.index(run_name(r["checkpoint"])))
+        if len({run_name(r["checkpoint"]) for r in mine}) < 2:  # no ablated run yet
+            continue
+        for what in ("fid", "kid", "precision", "recall"):
+            md += [f"### {title}: {what.upper() if what in ('fid', 'kid') else what}", "",
+                   table(mine, "w_eff", what, what.upper() if what in ("fid", "kid") else what), ""]
+    md += wall_times({name: s for name, s in finished(S).items() if name.split(" ")[0] in dict(second_round(a))})
+    write_atomic(os.path.join(R, "study_round2.md"), lambda f: f.write("\n".join(md).encode()))
+    plot_dose(fid, os.path.join(R, "study_round2_wt.png"))
+    print(f"wrote {R}/study_round2.md and the figure and csv file beside it")
+
+
+def plot_dose(fid, path):
+    """FID at w_eff 1 and 3 against the training w_t (0: the standard loss), one line per training seed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    lines = {"seed 0": [(0, "standard"), (0.5, "aligned-w0.5"), (1, "aligned-w1"), (2, "aligned-w2"), (4, "aligned-w4")],
+             **{f"seed {s}": [(0, f"standard-seed{s}"), (2, f"aligned-w2-seed{s}")] for s in (1, 2)}}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, w_eff in zip(axes, (1.0, 3.0)):
+        for label_, points in lines.items():
+            xy = [(w_t, fid[(run, w_eff)]) for w_t, run in points if (run, w_eff) in fid]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", label=label_)
+        ax.set(xlabel="training w_t (0: standard loss)", ylabel="FID", title=f"FID at w_eff = {w_eff:g}")
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def plot_curves(rows, step, path):
@@ -274,6 +402,8 @@ def main(argv=None):
                    "(a multiple of 4: checkpoints are kept at N/4, N/2, 3N/4 and N)")
     p.add_argument("--n", type=number(int, lo=4, multiple=2), default=1000, help="images per sweep cell (even: KID's "
                    "subsets are n/2)")
+    p.add_argument("--round", type=int, choices=[1, 2], default=1, help="1: the first round; 2: the second (training "
+                   "seeds, --detach-uncond, fine-tuning, w_t, 4N steps), with the first round's stages it builds on")
     p.add_argument("--list", action="store_true", help="print every stage's command line, and whether it finished")
     p.add_argument("--report", action="store_true", help="write the tables and figures from the finished stages")
     a = p.parse_args(argv)
@@ -282,12 +412,13 @@ def main(argv=None):
     if a.test != "cifar10-test" and not os.path.isdir(a.test):
         p.error(f"--test {a.test}: no such folder")
     if a.report:
-        return report(a)
+        return report(a) if a.round == 1 else report_second_round(a)
+    plan = stages if a.round == 1 else second_round
     while True:
         done, W = finished(a.out), standard_best_w(a.out)
-        todo = [(name, cmd) for name, cmd in stages(a, W or "W") if name not in done]
+        todo = [(name, cmd) for name, cmd in plan(a, W or "W") if name not in done]
         if a.list:
-            for name, cmd in stages(a, W or "W"):
+            for name, cmd in plan(a, W or "W"):
                 print(f"{'done' if name in done else 'todo'} {name}: {command_line(cmd)}")
             return
         if not todo:

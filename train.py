@@ -21,7 +21,7 @@ import torch
 from data import load_cifar10, load_image_folder, resize_images
 from diffusion import Schedule
 from distributed import gather_on_main, init_distributed, main_first, max_over_ranks, mean_over_ranks, rank_and_world, share
-from flags import AMP, folder_or, number, numbers, output_dir, parser, unit_range
+from flags import AMP, existing_file, folder_or, number, numbers, output_dir, parser, unit_range
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
 from runtime import CleanStop, Stopped, append_line, autocast, fast_path, one_line, pick_device, save_grid, speed_line, warn, \
@@ -102,6 +102,9 @@ def get_parser():
     g.add_argument("--sample-steps", type=COUNT, default=50, help="DDIM steps for the sample grids (>= 1)")
     g.add_argument("--log-every", type=number(float, lo=0), default=5.0, help="seconds between progress lines (>= 0; "
                    "0: every step)")
+    g.add_argument("--init-from", type=existing_file, metavar="CKPT", help="a new run starts from this checkpoint's "
+                   "weights and EMA, with a fresh optimizer and step count: fine-tuning, with any loss (the network must "
+                   "be the same)")
     g.add_argument("--seed", type=NONNEG, default=0, help="seed of the initialisation, the data order and the noise (>= 0)")
     g.add_argument("--device", type=pick_device, default="auto",
                    help="auto (cuda when there is one), cpu, cuda, cuda:N")
@@ -161,16 +164,21 @@ def make_config(args, device, amp, out, class_names, img_size):
     return config
 
 
+def read_checkpoint(p, path):
+    """(checkpoint, its config), or argparse's one-line error naming the file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return ckpt, dict(ckpt["config"])
+    except Exception as e:  # torch.load raises many kinds; any of them means the file is unusable
+        p.error(f"cannot read checkpoint {path}: {one_line(e)}")
+
+
 def resume(p, path, config, model, ema, opt, scaler, device):
     """Restore the run folder's checkpoint (weights, optimizer, loss scaler, this rank's RNG) and return its step, 0 if
     there is none. A checkpoint trained with other settings (MUST_MATCH) is refused, naming each difference."""
     if not os.path.exists(path):
         return 0
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        old = dict(ckpt["config"])
-    except Exception as e:  # torch.load raises many kinds; any of them means the file is unusable
-        p.error(f"cannot read checkpoint {path}: {one_line(e)}")
+    ckpt, old = read_checkpoint(p, path)
     differ = [f"{k} (checkpoint {old.get(k)!r}, flags {config[k]!r})" for k in MUST_MATCH if old.get(k) != config[k]]
     if differ:
         p.error(f"{path} was trained with other settings: {'; '.join(differ)}. Use another --out or matching flags")
@@ -188,6 +196,18 @@ def resume(p, path, config, model, ema, opt, scaler, device):
         return int(ckpt["step"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         p.error(f"cannot restore {path}: {one_line(e)}")
+
+
+def init_from(p, path, config, model, ema):
+    """--init-from: another run's weights and EMA, nothing else (the optimizer, step, RNG and loss are this run's).
+    Refused when the network or the classes differ; its dropout is a training setting and may."""
+    ckpt, old = read_checkpoint(p, path)
+    theirs, ours = {**old.get("unet", {}), "classes": old.get("class_names")}, {**config["unet"], "classes": config["class_names"]}
+    differ = [f"{k} (checkpoint {theirs.get(k)!r}, flags {ours[k]!r})" for k in ours if k != "dropout" and theirs.get(k) != ours[k]]
+    if differ:
+        p.error(f"--init-from {path}: another network: {'; '.join(differ)}")
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
 
 
 def batches(images, labels, batch_size, seed, device, channels_last):
@@ -351,6 +371,8 @@ def run(p, args, stop):
     if world > 1:  # every rank has the same initial weights; then each draws its own noise, labels dropped and flips
         torch.manual_seed(int(np.random.SeedSequence([args.seed, rank]).generate_state(1)[0]))
     start = resume(p, ckpt_path, config, model, ema, opt, scaler, device)
+    if args.init_from and not os.path.exists(ckpt_path):  # once started, the run resumes from its own checkpoint
+        init_from(p, args.init_from, config, model, ema)
     os.makedirs(out, exist_ok=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -367,7 +389,8 @@ def run(p, args, stop):
             warn("no CUDA device, training on the CPU: this works but is slow")
         print(f"{args.loss} loss{f' at w={args.w:g}' if args.loss != 'standard' else ''}: {len(images)} images, "
               f"{null_class} classes, {sum(t.numel() for t in model.parameters()) / 1e6:.2f}M parameters, {device}"
-              f"{f' x {world}' * (world > 1)}, amp {amp}, steps {start} -> {args.iters}, run folder {out}", file=sys.stderr)
+              f"{f' x {world}' * (world > 1)}, amp {amp}, steps {start} -> {args.iters}"
+              f"{f' from the weights of {args.init_from}' * bool(args.init_from and not start)}, run folder {out}", file=sys.stderr)
     del images, labels
 
     model.train()
