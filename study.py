@@ -292,13 +292,16 @@ def wall_times(times):
 
 SEEDS = {"standard": ["standard", "standard-seed1", "standard-seed2"],
          "aligned-w2": ["aligned-w2", "aligned-w2-seed1", "aligned-w2-seed2"]}
-GROUPS = [("the gradient into eps(z, null)", ["aligned-w2", "aligned-w2-detach"]),
-          ("fine-tuning the standard model of step N/2 for N/2 steps, beside standard at N and at 3N/2 (equal compute)",
-           ["standard", "ft-standard", "ft-aligned-w2", "ft-aligned-w2-detach", "standard-2x@2400"]),
-          ("the dose-response in w_t (w_t = 0 is the standard loss)",
-           ["standard", "aligned-w0.5", "aligned-w1", "aligned-w2", "aligned-w4"]),
-          ("longer training: N, 2N and 4N steps", ["standard", "standard-2x", "standard-4x", "aligned-w2",
-                                                   f"{LONG_ALIGNED}-4x@3200", f"{LONG_ALIGNED}-4x"])]
+def ablations(N):
+    """(title, runs) of the second round's tables beside the seeds', the reference runs first."""
+    return [("the gradient into eps(z, null)", ["aligned-w2", "aligned-w2-detach"]),
+            (f"fine-tuning the standard model of step {N // 2} for {N // 2} steps, beside standard at {N} and at "
+             f"{3 * N // 2} (equal compute)",
+             ["standard", "ft-standard", "ft-aligned-w2", "ft-aligned-w2-detach", f"standard-2x@{3 * N // 2}"]),
+            ("the dose-response in w_t (w_t = 0 is the standard loss)",
+             ["standard", "aligned-w0.5", "aligned-w1", "aligned-w2", "aligned-w4"]),
+            (f"longer training: {N}, {2 * N} and {4 * N} steps",
+             ["standard", "standard-2x", "standard-4x", "aligned-w2", f"{LONG_ALIGNED}-4x@{2 * N}", f"{LONG_ALIGNED}-4x"])]
 
 
 def report_second_round(a):
@@ -329,7 +332,7 @@ def report_second_round(a):
         md.append(f"| {w:g} | " + " | ".join("" if d is None else f"{d:+.1f}" for d in diff) +
                   (f" | {np.mean(have):+.1f} |" if have else " | |"))
     md.append("")
-    for title, runs in GROUPS:
+    for title, runs in ablations(a.iters):
         mine = sorted((r for r in rows if run_name(r["checkpoint"]) in runs),
                       key=lambda r: runs.index(run_name(r["checkpoint"])))
         if len({run_name(r["checkpoint"]) for r in mine}) < 2:  # no ablated run yet

@@ -411,6 +411,31 @@ def test_losses_equal_hand_computed_values():
     torch.testing.assert_close(aligned_loss(model, sch, x0, y, w=0.0, p_uncond=p, null_class=10), expected_standard)
 
 
+def test_aligned_loss_at_w_0_is_the_standard_loss_in_value_and_gradient_on_a_unet():
+    """At w = 0 the aligned loss's unconditional half has weight 0: on the same draws a real network (dropout 0, so both
+    halves see the same weights) gets the standard loss's value and gradient, up to float rounding of the doubled batch."""
+    sch, x0, y = Schedule("linear"), torch.randn(6, 3, 8, 8), torch.arange(6) % 3
+    torch.manual_seed(0)
+    net = UNet(num_classes=3, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_res=[4], dropout=0.0, img_size=8)
+    with torch.no_grad():  # away from the zero-initialised output layers, where only their own gradient flows
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    def value_and_grad(loss, **kw):
+        net.zero_grad()
+        torch.manual_seed(5)
+        value = loss(net, sch, x0, y, p_uncond=0.5, null_class=3, **kw)
+        value.backward()
+        return value.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    (v_std, g_std), (v_al, g_al) = value_and_grad(standard_loss), value_and_grad(aligned_loss, w=0.0)
+    torch.testing.assert_close(v_al, v_std, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_al, g_std, rtol=1e-4, atol=1e-6)
+    assert g_std.abs().max() > 1e-3  # a gradient worth comparing
+    v_w2, g_w2 = value_and_grad(aligned_loss, w=2.0)
+    assert not torch.allclose(g_w2, g_std, rtol=1e-2)  # and the comparison can fail: w = 2 differs
+
+
 def test_detach_uncond_stops_exactly_the_unconditional_gradient():
     sch, x0, y = Schedule("cosine"), torch.randn(8, 3, 4, 4), torch.arange(8)
 
@@ -1922,6 +1947,29 @@ def test_train_resume_refuses_other_settings_and_unreadable_checkpoints(tmp_path
     assert "cannot read checkpoint" in _train_error(capsys, base + _TRAIN_TINY)
 
 
+def test_train_init_from_takes_weights_and_ema_with_a_fresh_optimizer_step_and_loss(tmp_path, capsys):
+    """Fine-tuning: the new run starts at step 0 from the other run's weights (Adam's first step moves each by about
+    lr) and EMA (at step 0 the EMA keeps a tenth of it), records its own loss, and later resumes from its own checkpoint."""
+    base = _train_tiny_run(tmp_path, tmp_path / "base", "--iters", "3")
+    source = str(tmp_path / "base" / "ckpt.pt")
+    tuned = _train_tiny_run(tmp_path, tmp_path / "tuned", "--iters", "1", "--loss", "aligned", "--w", "2",
+                            "--lr", "1e-3", "--init-from", source)
+    assert tuned["step"] == 1 and {s["step"].item() for s in tuned["opt"]["state"].values()} == {1}
+    assert (tuned["config"]["loss"], tuned["config"]["w"], tuned["config"]["init_from"]) == ("aligned", 2.0, source)
+    moved = max((tuned["model"][k] - base["model"][k]).abs().max().item() for k in base["model"])
+    assert 1e-4 < moved < 1.01e-3  # each weight moved by at most lr from the base run's
+    for k, v in base["ema"].items():  # EMA warm-up at step 0: decay 1/10
+        torch.testing.assert_close(tuned["ema"][k], torch.lerp(v, tuned["model"][k], 0.9))
+    again = _train_tiny_run(tmp_path, tmp_path / "tuned", "--iters", "2", "--loss", "aligned", "--w", "2", "--lr", "1e-3",
+                            "--init-from", source)  # resumes from tuned/ckpt.pt: Adam's count goes on
+    assert again["step"] == 2 and {s["step"].item() for s in again["opt"]["state"].values()} == {2}
+    data = str(tmp_path / "imgs")
+    line = _train_error(capsys, ["--data", data, "--out", str(tmp_path / "other"), "--batch-size", "4", "--iters", "1",
+                                 *_TRAIN_TINY, "--ch", "64", "--init-from", source])
+    assert line.endswith(f" error: --init-from {source}: another network: ch (checkpoint 32, flags 64)")
+    assert not (tmp_path / "other").exists()
+
+
 def test_train_bad_input_gives_one_line_and_status_2(tmp_path, capsys):
     data = _train_class_folder(tmp_path / "imgs")
     (tmp_path / "empty").mkdir()
@@ -2389,11 +2437,11 @@ def test_toy_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):
 # ---- study.py ----
 
 
-def test_study_stages_are_valid_command_lines_that_use_only_what_earlier_stages_made(tmp_path):
+def _study_check_plan(plan):
+    """Every stage a valid command line that reads only what the study's data or an earlier stage made; the names."""
     parsers = {c: _parser_of(main) for c, (main, _) in _FLAG_BASE.items()}
-    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000)
     made, names = {"imgs/train", "imgs/test"}, []
-    for name, cmd in study.stages(a, "2"):
+    for name, cmd in plan:
         names.append(name)
         if cmd[0] == "cp":
             assert cmd[1] in made, (name, cmd[1])
@@ -2403,10 +2451,10 @@ def test_study_stages_are_valid_command_lines_that_use_only_what_earlier_stages_
         flag = lambda f: cmd[cmd.index(f) + 1]
         if cmd[0] == "train.py":
             out, iters, keep = flag("--out"), int(flag("--iters")), int(flag("--keep-every"))
-            start = int(flag("--iters")) // 2 if out.endswith("-2x") else 0  # resumes from the copy at N
-            assert f"{out}/ckpt.pt" in made if start else True
+            assert f"{out}/ckpt.pt" in made if out.endswith("x") else True  # -2x, -4x: resumed from a copy
+            assert flag("--init-from") in made if "--init-from" in cmd else True
             made |= {f"{out}/ckpt.pt", *(f"{out}/ckpt-{s:07d}.pt" for s in range(keep, iters + 1, keep))}
-            assert flag("--amp") == "none" and flag("--img-size") == "16" and flag("--seed") == "0"
+            assert flag("--amp") == "none" and flag("--img-size") == "16" and flag("--seed") in ("0", "1", "2")
         elif cmd[0] == "sweep.py":
             ckpts = cmd[cmd.index("--ckpt") + 1:cmd.index("--n")]
             assert all(c in made for c in ckpts), (name, ckpts)
@@ -2414,11 +2462,59 @@ def test_study_stages_are_valid_command_lines_that_use_only_what_earlier_stages_
         else:  # fid.py: the reference first, then real test images against it
             made.add(flag("--save-stats")) if "--save-stats" in cmd else None
             assert all(x in made for x in cmd[1:3] if not x.startswith("--"))
-    assert len(set(names)) == len(names) and names[:3] == ["ref", "realvsreal", "train_standard"]
+    assert len(set(names)) == len(names)
+    return names
+
+
+def test_study_stages_are_valid_command_lines_that_use_only_what_earlier_stages_made(tmp_path):
+    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000)
+    names = _study_check_plan(study.stages(a, "2"))
+    assert names[:3] == ["ref", "realvsreal", "train_standard"]
+    assert all(cmd[cmd.index("--seed") + 1] == "0" for _, cmd in study.stages(a, "2") if cmd[0] == "train.py")
     gf = dict(study.stages(a, "3"))["train_gf"]
     assert gf[gf.index("--w") + 1] == "3" and gf[gf.index("--gf-start") + 1] == "800"
     ablation = dict(study.stages(a, "2"))["train_ablation_lr"]
     assert ablation.count("--lr") == 1 and ablation[ablation.index("--lr") + 1] == "1e-4"
+
+
+def test_study_second_round_builds_on_the_first_rounds_stages_and_varies_one_thing_a_run(capsys):
+    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000)
+    plan, first = dict(study.second_round(a)), dict(study.stages(a, "W"))
+    names = _study_check_plan(study.second_round(a))
+    assert names[:4] == ["ref", "train_standard", "train_aligned", "r2_seed0"]  # seeds first: the verdict's floor
+    assert all(plan[n] == first[n] for n in names if not n.startswith("r2_"))  # the same stage: run once for both
+    base = plan["train_aligned"]
+    for name, changed in [("r2_train_aligned_seed2", ["--seed", "2"]), ("r2_train_aligned_w0.5", ["--w", "0.5"]),
+                          ("r2_train_detach", ["--detach-uncond"]),
+                          ("r2_train_ft_aligned", ["--init-from", "runs/s/standard/ckpt-0000800.pt", "--iters", "800"])]:
+        cmd = plan[name]  # the run differs from aligned-w2 in these flags alone
+        assert [x for x in cmd if x not in base] == [x for x in changed if x not in base] + [cmd[-1]], name
+    assert plan["r2_train_ft_standard"][plan["r2_train_ft_standard"].index("--loss") + 1] == "standard"
+    assert "runs/s/standard-2x/ckpt-0002400.pt" in plan["r2_ft"]  # standard at 3N/2: the equal-compute partner
+    assert plan["r2_train_standard_4x"][-3:] == ["6400", "--out", "runs/s/standard-4x"]
+    study.main(["--round", "2", "--list", "--out", "runs/s", "--data", "cifar10"])
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == len(names) and listed[3].startswith("todo r2_seed0: python sweep.py")
+
+
+def test_study_second_round_report_gives_each_seed_the_spread_and_the_paired_difference(tmp_path):
+    out = tmp_path / "s"
+    fids = {"standard": (90, 80), "standard-seed1": (94, 82), "aligned-w2": (95, 84), "aligned-w2-seed1": (97, 83),
+            "aligned-w2-detach": (93, 81), "aligned-w0.5": (91, 80.5)}
+    rows = [_study_row(f"{out}/{run}/ckpt.pt", w_eff, f) for run, pair in fids.items() for w_eff, f in zip((0, 1), pair)]
+    (out / "round2").mkdir(parents=True)
+    sweep.write_results(out / "round2" / "results.csv", rows)
+    (out / "stages.tsv").write_text("r2_seed0\t120\tx\nfinal_gf\t60\tx\nr2_seed1 (stopped)\t60\tx\nr2_seed1\t60\tx\n")
+    study.main(["--round", "2", "--report", "--out", str(out), "--results", str(tmp_path / "r")])
+    md = (tmp_path / "r" / "study_round2.md").read_text()
+    assert "| standard, 0 | 90.0 | 94.0 |  | 92.0 | 90.0-94.0 |" in md
+    assert "| aligned-w2, 1 | 84.0 | 83.0 |  | 83.5 | 83.0-84.0 |" in md
+    assert "| 0 | +5.0 | +3.0 |  | +4.0 |" in md and "| 1 | +4.0 | +1.0 |  | +2.5 |" in md  # aligned - standard
+    assert "| aligned-w2 | 95.0 | 84.0 |\n| aligned-w2-detach | 93.0 | 81.0 |" in md
+    assert "| standard | 90.0 | 80.0 |\n| aligned-w0.5 | 91.0 | 80.5 |\n| aligned-w2 | 95.0 | 84.0 |" in md  # by w_t
+    assert "fine-tuning" not in md  # no fine-tuned run yet: no table
+    assert "| r2_seed1 | 2.0 |" in md and "| all | 4.0 |" in md and "final_gf" not in md  # this round's stages only
+    assert (tmp_path / "r" / "study_round2.csv").read_text() == (out / "round2" / "results.csv").read_text()
 
 
 def _study_row(ckpt, w_eff, fid_value, w=None, **kw):
