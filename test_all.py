@@ -1814,6 +1814,23 @@ def test_train_resume_is_exact(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_train_resume_keeps_the_runs_optimizer_settings_and_gives_its_state_the_parameters_layout(tmp_path):
+    """A checkpoint as CUDA writes it (fused Adam, state in channels_last) resumed in a CPU run in fp32 NCHW: the run's
+    Adam stays unfused, its state takes the parameters' layout, and the run equals an uninterrupted one. Restored as
+    saved, fused Adam on the CPU misreads the channels_last state (and differs from unfused Adam in the last bits)."""
+    args = ["--save-every", "0", "--sample-every", "0", "--lr", "0.01"]
+    _train_tiny_run(tmp_path, tmp_path / "run", "--iters", "2", *args)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    ckpt["opt"]["param_groups"][0]["fused"] = True
+    for state in ckpt["opt"]["state"].values():
+        state.update({k: v.contiguous(memory_format=torch.channels_last) for k, v in state.items() if v.dim() == 4})
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    resumed = _train_tiny_run(tmp_path, tmp_path / "run", "--iters", "3", *args)
+    _train_same_state(resumed, _train_tiny_run(tmp_path, tmp_path / "whole", "--iters", "3", *args))
+    assert resumed["opt"]["param_groups"][0]["fused"] is False
+    assert all(v.is_contiguous() for state in resumed["opt"]["state"].values() for v in state.values())
+
+
 def test_train_kill_while_writing_checkpoint_keeps_the_previous_one(tmp_path):
     out = tmp_path / "run"
     _train_tiny_run(tmp_path, out, "--iters", "2")

@@ -163,7 +163,8 @@ def make_config(args, device, amp, out, class_names, img_size):
 
 def resume(p, path, config, model, ema, opt, scaler, device):
     """Restore the run folder's checkpoint (weights, optimizer, loss scaler, this rank's RNG) and return its step, 0 if
-    there is none. A checkpoint trained with other settings (MUST_MATCH) is refused, naming each difference."""
+    there is none; the optimizer keeps this run's settings (fused on CUDA) and its state takes each parameter's device,
+    dtype and memory format. A checkpoint trained with other settings (MUST_MATCH) is refused, naming each difference."""
     if not os.path.exists(path):
         return 0
     try:
@@ -177,7 +178,11 @@ def resume(p, path, config, model, ema, opt, scaler, device):
     try:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
+        saved = ckpt["opt"]  # this run's fused: GradScaler hands fp16's found_inf to any Adam built fused, which must stay so
+        opt.load_state_dict({**saved, "param_groups": [{**s, "fused": g["fused"], "foreach": g["foreach"]}
+                                                       for s, g in zip(saved["param_groups"], opt.param_groups)]})
+        for param, state in opt.state.items():  # load_state_dict's .to() keeps the saved strides: fused Adam misreads them
+            state.update({k: torch.empty_like(param).copy_(v) for k, v in state.items() if k != "step"})
         if ckpt.get("scaler"):  # empty unless the run used fp16
             scaler.load_state_dict(ckpt["scaler"])
         rank, states = rank_and_world()[0], ckpt.get("rng_ranks") or [ckpt["rng"]]  # rng_ranks: from torchrun runs
