@@ -1831,6 +1831,25 @@ def test_train_resume_keeps_the_runs_optimizer_settings_and_gives_its_state_the_
     assert all(v.is_contiguous() for state in resumed["opt"]["state"].values() for v in state.values())
 
 
+def test_train_batches_draw_the_epoch_order_on_the_cpu_and_place_the_data_alike_on_every_rank(monkeypatch):
+    """Epoch e's order is torch.randperm from a CPU generator seeded seed * 1,000,000 + e, wherever the data lives (a
+    CUDA generator draws another order). On CUDA (faked here: no GPU needed) the data stays on the CPU, unpinned, when
+    any rank lacks room for it, though this one has room."""
+    images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+    labels = np.arange(10, dtype=np.int64)
+    get_batch = train.batches(images, labels, 4, 7, torch.device("cpu"), False)
+    for step in range(4):  # two epochs of two batches; the last two images of each are dropped
+        epoch, i = divmod(step, 2)
+        order = torch.randperm(10, generator=torch.Generator().manual_seed(7_000_000 + epoch))[4 * i:4 * i + 4]
+        x, y = get_batch(step)
+        source = torch.from_numpy(images[order.numpy()]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        assert torch.equal(y, order) and all(torch.equal(a, b) or torch.equal(a, b.flip(2)) for a, b in zip(x, source))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**40, 2**40))  # room on this GPU
+    monkeypatch.setattr(train, "max_over_ranks", lambda value, device: 1)  # another rank has none
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pytest.fail("pinned a copy the batches never use"))
+    train.batches(images, labels, 4, 7, torch.device("cuda"), False)  # without CUDA, a move to the GPU raises
+
+
 def test_train_kill_while_writing_checkpoint_keeps_the_previous_one(tmp_path):
     out = tmp_path / "run"
     _train_tiny_run(tmp_path, out, "--iters", "2")

@@ -198,17 +198,18 @@ def resume(p, path, config, model, ema, opt, scaler, device):
 def batches(images, labels, batch_size, seed, device, channels_last):
     """get_batch(step): the step's images in [-1, 1], randomly flipped, and labels, on device.
 
-    The data lives as uint8 on the training device when it fits (CIFAR-10: 150 MB), so batches never wait on a
-    loader. The epoch order comes from its own generator seeded by (seed, epoch): a resumed run recomputes it.
+    The data lives as uint8 on the training device when it fits in a quarter of the free GPU memory of every rank
+    (CIFAR-10: 150 MB), so batches never wait on a loader; else on the CPU, unpinned, as the batches it copies are.
+    The epoch order is drawn on the CPU by its own generator seeded by (seed, epoch), so it is the same wherever the
+    data lives (a CUDA generator draws another): a resumed run recomputes it, and torchrun's ranks share it.
     """
     data, targets = torch.from_numpy(images), torch.from_numpy(labels)
-    if device.type == "cuda" and data.nbytes < 0.25 * torch.cuda.mem_get_info(device)[0]:
+    room = device.type == "cuda" and data.nbytes < 0.25 * torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda" and not max_over_ranks(int(not room), device):  # the ranks place it alike: none waits on copies
         data, targets = data.to(device), targets.to(device)
-    elif device.type == "cuda":
-        data, targets = data.pin_memory(), targets.pin_memory()
     steps_per_epoch = len(data) // batch_size  # the last partial batch of each epoch is dropped
     epoch_order = functools.lru_cache(maxsize=1)(lambda epoch: torch.randperm(
-        len(data), generator=torch.Generator(data.device).manual_seed(seed * 1_000_000 + epoch), device=data.device))
+        len(data), generator=torch.Generator().manual_seed(seed * 1_000_000 + epoch)).to(data.device))
 
     def get_batch(step):
         epoch, i = divmod(step, steps_per_epoch)
