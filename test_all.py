@@ -65,11 +65,33 @@ def test_fast_path_is_bf16_in_channels_last_only_where_the_cpu_has_bf16_hardware
     amp, channels_last, why = runtime.fast_path("cpu")
     assert (amp, channels_last) == ("none", False) and why.startswith("auto: no native bf16 on this CPU (")
     assert runtime.fast_path("cpu", "bf16") == ("bf16", True, "--amp bf16")  # asked for: kept, with its layout
-    assert runtime.fast_path(torch.device("cuda"), "auto") == ("bf16", True, "auto: cuda")  # no GPU needed to decide
-    assert runtime.fast_path(torch.device("cuda"), "none") == ("none", True, "--amp none")
-    assert isinstance(runtime.autocast("cpu", "auto"), contextlib.nullcontext)
+    with torch.autocast("cpu", dtype=torch.bfloat16), runtime.autocast("cpu", "auto"):  # fp32 exactly, even inside bf16
+        assert not torch.is_autocast_enabled("cpu") and torch.backends.cudnn.conv.fp32_precision == "ieee"
     _fake_cpu(monkeypatch, amx_bf16=True)
     assert runtime.autocast("cpu", "auto").fast_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("capability, amp, why", [
+    ((9, 0), "bf16", "compute capability 9.0"), ((8, 0), "bf16", "compute capability 8.0"),
+    ((7, 5), "fp16", "compute capability 7.5: no native bf16, so fp16 with loss scaling"),
+    ((6, 1), "none", "compute capability 6.1: no tensor cores, so fp32")])
+def test_fast_path_on_cuda_follows_the_compute_capability_and_fp32_is_nchw_without_tf32(monkeypatch, capability, amp, why):
+    """cuDNN has bf16 convolutions from 8.0 only; below, fp16 on tensor cores (7.x). No GPU needed: its capability is
+    faked. --amp none is fp32 NCHW on CUDA as on the CPU, and train.py and bench.py keep TF32 out of it, backward too."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda", 1)
+    assert runtime.fast_path(cuda) == (amp, amp != "none", f"auto: cuda, {why}")
+    assert runtime.fast_path(cuda, "auto", channels_last=False) == (amp, False, f"auto: cuda, {why}")
+    assert runtime.fast_path(cuda, "none") == ("none", False, "--amp none")
+    assert runtime.fast_path(cuda, "bf16") == ("bf16", True, "--amp bf16")  # asked for: kept
+    matmul, conv, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn
+    for knobs, name, default in [(matmul, "fp32_precision", "none"), (conv, "fp32_precision", "tf32"),
+                                 (cudnn, "benchmark", False)]:
+        monkeypatch.setattr(knobs, name, default)  # PyTorch's defaults, restored after the test
+    runtime.tune_cuda(cuda, "bf16")
+    assert cudnn.benchmark and conv.fp32_precision == "tf32"
+    runtime.tune_cuda(cuda, "none")
+    assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
 
 
 def test_progress_lines_are_throttled_and_end_with_the_total(capsys):

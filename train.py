@@ -24,8 +24,8 @@ from distributed import gather_on_main, init_distributed, main_first, max_over_r
 from flags import AMP, folder_or, number, numbers, output_dir, parser, unit_range
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
-from runtime import CleanStop, Stopped, append_line, autocast, fast_path, one_line, pick_device, save_grid, speed_line, warn, \
-    write_atomic
+from runtime import CleanStop, Stopped, append_line, autocast, fast_path, one_line, pick_device, save_grid, speed_line, \
+    tune_cuda, warn, write_atomic
 from sample import sample_images
 
 SAMPLES_PER_CLASS = 8  # columns per guidance scale in the sample grids
@@ -87,8 +87,8 @@ def get_parser():
                    " min(decay, (1+step)/(10+step))")
     g = p.add_argument_group("speed")
     g.add_argument("--amp", **AMP)
-    g.add_argument("--no-channels-last", action="store_true", help="keep NCHW (channels_last is used on CUDA and with bf16 "
-                   "or fp16 on the CPU)")
+    g.add_argument("--no-channels-last", action="store_true", help="keep NCHW (channels_last goes with bf16 and fp16; "
+                   "fp32 is NCHW)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training model")
     g = p.add_argument_group("run")
     g.add_argument("--out", type=out_folder, default="auto", help="run folder; auto: runs/standard, runs/aligned-w<w> or "
@@ -224,14 +224,14 @@ def batches(images, labels, batch_size, seed, device, channels_last):
 # ---- one training step ----
 
 
-def train_step(args, net, ema, schedule, null_class, x, y, opt, scaler, params, ema_params, step, mixed_precision):
+def train_step(args, net, ema, schedule, null_class, x, y, opt, scaler, params, ema_params, step, amp):
     """Optimizer step number step + 1 on batch (x, y): warm-up lr, loss, backward, clipping, Adam, then the EMA
     with warm-up min(decay, (1 + step) / (10 + step)), so short runs already give a meaningful EMA.
     Returns the learning rate and the [loss, grad norm] pair, still on the device (no sync)."""
     lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
     for group in opt.param_groups:
         group["lr"] = lr
-    with mixed_precision:
+    with autocast(x.device, amp):
         if args.loss == "standard":
             loss = standard_loss(net, schedule, x, y, p_uncond=args.p_uncond, null_class=null_class)
         elif args.loss == "aligned":
@@ -358,12 +358,10 @@ def run(p, args, stop):
         torch.manual_seed(int(np.random.SeedSequence([args.seed, rank]).generate_state(1)[0]))
     start = resume(p, ckpt_path, config, model, ema, opt, scaler, device)
     os.makedirs(out, exist_ok=True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")  # TF32 for --amp none
+    tune_cuda(device, amp)
     net = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None) if world > 1 else model
     net = torch.compile(net) if args.compile else net  # checkpoints take `model`: no _orig_mod. or module. prefixes
-    schedule, mixed_precision = Schedule(args.schedule), autocast(device, amp)
+    schedule = Schedule(args.schedule)
     get_batch = batches(images, labels, args.batch_size, args.seed, device, channels_last)
     figures = Figures(ckpt_path, start if os.path.exists(ckpt_path) else None)
     params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -380,8 +378,7 @@ def run(p, args, stop):
     t_log, next_log, stop.defer = time.time(), 0, True  # a signal now ends the loop after its step, with a checkpoint
     for step in range(start, args.iters):  # `step` optimizer steps are done; this iteration makes step + 1
         x, y = get_batch(step)
-        lr, figure = train_step(args, net, ema, schedule, null_class, x, y, opt, scaler, params, ema_params, step,
-                                mixed_precision)
+        lr, figure = train_step(args, net, ema, schedule, null_class, x, y, opt, scaler, params, ema_params, step, amp)
         figures.pending.append(figure)
         done = step + 1
         log_due = done in (start + 1, args.iters) or (done >= next_log if world > 1 else time.time() - t_log >= args.log_every)
