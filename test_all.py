@@ -2337,6 +2337,14 @@ def test_bench_follows_the_auto_rule_and_prints_the_cpu_table(monkeypatch, capsy
         assert base > 0 and other > 0 and ratio == pytest.approx(other / base, abs=0.01 + 0.1 * ratio)  # rounding
 
 
+def test_bench_timer_waits_for_the_timed_gpu(monkeypatch):
+    """torch.cuda.synchronize() alone waits for the current GPU, cuda:0 unless set: --device cuda:1 would stop early."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    bench.timed(lambda: None, 2, torch.device("cuda", 1))
+    assert synced == [torch.device("cuda", 1)] * 2
+
+
 # ---- toy.py ----
 
 @pytest.fixture
