@@ -5,9 +5,9 @@
     python bench.py --what quality --ckpt runs/first/ckpt.pt --ref REF   # does bf16 sampling change FID and KID?
 
 Training runs the real losses in runtime.fast_path's precision and layout (--amp and --no-channels-last as in
-train.py), the guidance-free loss with a copy of the model as its teacher; sampling runs sample_images for CFG at w = 2
-(two network evaluations a step) and at w = 0, as a guidance-free model samples (one); FID runs fid.inception_features,
-in fp32. Weights are random: speed does not depend on them.
+train.py) with train.py's CUDA settings (runtime.tune_cuda), the guidance-free loss with a copy of the model as its
+teacher; sampling runs sample_images for CFG at w = 2 (two network evaluations a step) and at w = 0, as a guidance-free
+model samples (one); FID runs fid.inception_features, in fp32. Weights are random: speed does not depend on them.
 """
 import argparse
 import copy
@@ -22,7 +22,7 @@ from inception import FIDError, FIDInceptionV3, load_inception
 from flags import AMP, existing_file, number, parser, some_of
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
-from runtime import autocast, fast_path, native_bf16, pick_device, speed_line
+from runtime import autocast, fast_path, native_bf16, pick_device, speed_line, tune_cuda
 from sample import CheckpointError, balanced_labels, load_checkpoint, sample_checkpoint, sample_images
 
 # the CPU table's U-Nets, the default (35.75M) and a CPU run's small one (1.07M), each with its batch on 2 CPU cores
@@ -32,8 +32,8 @@ CONFIGS = {"fp32-nchw": ("none", False), "fp32-cl": ("none", True), "bf16-nchw":
 
 def timed(fn, repeats, device):
     """Seconds per call of fn, the mean of `repeats` calls after one warm-up (cuDNN autotuning, allocator, lazy init);
-    on CUDA the clock waits for the GPU."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    on CUDA the clock waits for device's GPU."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else lambda: None  # alone: the current GPU
     fn()
     sync()
     t0 = time.perf_counter()
@@ -111,7 +111,8 @@ def cpu_table(networks, configs, repeats, steps, device, batch=None):
 
 def quality(ckpt, ref, n, steps, w, device, fid_batch):
     """Does bf16 sampling change what is measured? FID and KID against ref (at most n of its images, as fid.py --n) of
-    n images from ckpt in fp32 from seeds 0.., in fp32 from seeds n.. (the noise floor) and in bf16 from seeds 0.."""
+    n images from ckpt in fp32 from seeds 0.., in fp32 from seeds n.. (the noise floor) and in bf16 from seeds 0..;
+    fp32 is exact, NCHW without TF32 on CUDA too (--amp none)."""
     fid.check_input(ref)
     model, config = load_checkpoint(ckpt, device)
     labels, inception = balanced_labels(n, config["unet"]["num_classes"]), load_inception(None, device)
@@ -173,6 +174,7 @@ def main(argv=None):
         print(cpu_table(args.networks, args.configs, repeats, args.sample_steps or 2, device, args.batch_size))
         return
     amp, channels_last, why = fast_path(device, args.amp, not args.no_channels_last)
+    tune_cuda(device, amp)
     batch = args.batch_size or (128 if cuda else 8)
     print(speed_line(device, amp, channels_last, why) + f", batch {batch}")
 

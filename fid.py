@@ -25,7 +25,8 @@ import metrics
 from data import load_cifar10, load_image_folder, load_npz_images, open_npz, resize_images
 from inception import FIDError, load_inception
 from flags import existing_file, number, output_dir, output_file, parser
-from runtime import CleanStop, pick_device, progress as progress_lines, warn, write_atomic  # progress: a flag here
+from runtime import CleanStop, fp32_exactly, pick_device, progress as progress_lines, warn, \
+    write_atomic  # progress: a flag here
 
 CIFAR10 = ("cifar10-train", "cifar10-test")
 # Inception's memory layout by device type. CPU: channels_last ran 1.5x as fast as NCHW in fp32 (`python bench.py
@@ -49,17 +50,10 @@ def preprocess(images):
 
 @contextlib.contextmanager
 def exact_fp32(device_type):
-    """fp32 without TF32 shortcuts (cuDNN takes them for fp32 convolutions by default) or autocast."""
-    knobs = [torch.backends.cuda.matmul, torch.backends.cudnn.conv]
-    saved = [k.fp32_precision for k in knobs]
-    try:
-        for k in knobs:
-            k.fp32_precision = "ieee"
-        with torch.autocast(device_type, enabled=False), torch.inference_mode():
-            yield
-    finally:
-        for k, s in zip(knobs, saved):
-            k.fp32_precision = s
+    """runtime.fp32_exactly (no autocast, no TF32 shortcuts, which cuDNN takes for fp32 convolutions by default) in
+    inference mode."""
+    with fp32_exactly(device_type), torch.inference_mode():
+        yield
 
 
 def inception_features(model, images, batch_size=50, device=None, logits=False, progress=True, channels_last=None):

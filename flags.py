@@ -6,8 +6,9 @@ import os
 
 
 # --amp of every command that runs the U-Net: one set of choices, one default, one help text
-AMP = dict(choices=["auto", "bf16", "fp16", "none"], default="auto", help="autocast dtype; auto: bf16 on CUDA and on a "
-           "CPU with bf16 hardware (AMX, AVX-512 BF16), none (fp32) on other CPUs, where bf16 is emulated and slow")
+AMP = dict(choices=["auto", "bf16", "fp16", "none"], default="auto", help="autocast dtype; none: fp32 exactly (no TF32), "
+           "NCHW; auto: bf16 on GPUs of compute capability 8.0 and newer and on a CPU with bf16 hardware (AMX, AVX-512 "
+           "BF16), fp16 on GPUs of 7.x, else none")
 
 
 class _Parser(argparse.ArgumentParser):

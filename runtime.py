@@ -39,22 +39,25 @@ def native_bf16():
 def fast_path(device, amp="auto", channels_last=True):
     """(amp, channels_last, why): the one rule for the precision and memory layout of every command's network.
 
-    'auto' is bf16 autocast in channels_last on CUDA and on a CPU with bf16 hardware (AMX, AVX-512 BF16), where it
-    ran 1.8-3.7x as fast as fp32 (RESULTS.md, "Speed on a CPU"); it is fp32 NCHW on any other CPU, where bf16 is
-    emulated and ran 5-9x slower than fp32, and channels_last gave fp32 no consistent gain (0.87-1.16x, on AVX2).
-    An explicit amp is kept as it is; channels_last=False (train.py --no-channels-last) keeps NCHW everywhere, and on
-    a CPU channels_last goes with reduced precision only."""
-    device, hardware = torch.device(device), native_bf16()
+    'auto' is bf16 on a GPU of compute capability 8.0 or newer and on a CPU with bf16 hardware (AMX, AVX-512 BF16),
+    where it ran 1.8-3.7x as fast as fp32 (RESULTS.md, "Speed on a CPU"). Below 8.0 cuDNN has no bf16 convolutions,
+    so 'auto' is fp16 (train.py adds the loss scaler) from 7.0, the first tensor cores, and fp32 before that. On any
+    other CPU bf16 is emulated and ran 5-9x slower than fp32, so 'auto' is fp32 there. An explicit amp is kept as it is.
+    channels_last goes with bf16 and fp16 only: fp32 is NCHW everywhere (on a CPU channels_last gave it no consistent
+    gain, 0.87-1.16x on AVX2), and channels_last=False (--no-channels-last) keeps NCHW for every precision."""
+    device = torch.device(device)
     if amp == "auto" and device.type == "cpu":
-        amp = "bf16" if hardware else "none"
+        amp = "bf16" if (hardware := native_bf16()) else "none"
         why = f"auto: native bf16, {hardware}" if hardware else f"auto: no native bf16 on this CPU " \
             f"({torch.backends.cpu.get_cpu_capability()}), so fp32"
     elif amp == "auto":
-        amp, why = "bf16", f"auto: {device.type}"
+        major, minor = torch.cuda.get_device_capability(device)
+        amp = "bf16" if major >= 8 else "fp16" if major >= 7 else "none"
+        why = f"auto: {device.type}, compute capability {major}.{minor}" + {
+            "bf16": "", "fp16": ": no native bf16, so fp16 with loss scaling", "none": ": no tensor cores, so fp32"}[amp]
     else:
         why = f"--amp {amp}"
-    channels_last = channels_last and (device.type != "cpu" or amp != "none")
-    return amp, channels_last, why
+    return amp, channels_last and amp != "none", why
 
 
 def speed_line(device, amp, channels_last, why):
@@ -63,12 +66,38 @@ def speed_line(device, amp, channels_last, why):
 
 
 def autocast(device, amp="auto"):
-    """The autocast context for amp 'bf16', 'fp16' or 'none'; 'auto' follows fast_path."""
+    """The context of a forward pass in amp 'bf16' or 'fp16', or in 'none': fp32 exactly (fp32_exactly, which can be
+    entered once: take a new context for each pass). 'auto' follows fast_path."""
     if amp == "auto":
         amp = fast_path(device, "auto")[0]
     if amp == "none":
-        return contextlib.nullcontext()
+        return fp32_exactly(device)
     return torch.autocast(torch.device(device).type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+
+
+@contextlib.contextmanager
+def fp32_exactly(device):
+    """fp32 without autocast, and without the TF32 that CUDA takes by default in cuDNN's fp32 convolutions (and in
+    matmuls after torch.set_float32_matmul_precision('high')); the settings are restored after."""
+    knobs = [torch.backends.cuda.matmul, torch.backends.cudnn.conv]
+    saved = [k.fp32_precision for k in knobs]
+    try:
+        for k in knobs:
+            k.fp32_precision = "ieee"
+        with torch.autocast(torch.device(device).type, enabled=False):
+            yield
+    finally:
+        for k, s in zip(knobs, saved):
+            k.fp32_precision = s
+
+
+def tune_cuda(device, amp):
+    """The run-wide CUDA settings of train.py and bench.py: cuDNN times its kernels once for the fixed shapes, and amp
+    'none' stays fp32 exactly in the backward pass too, which runs outside the forward pass's autocast context."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        if amp == "none":
+            torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
 
 
 def warn(message):

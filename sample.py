@@ -84,20 +84,19 @@ def sample_images(model, schedule, labels, *, null_class, w=0.0, steps=50, eta=0
     The generators live on the CPU, so the starting noise of image i is the same on every device and
     for every batch size. That makes it safe to halve the batch and retry on CUDA out-of-memory, so the
     default batch_size=None starts large there, at 1024; on CPU it is 8, where small batches run fastest.
-    amp and channels_last go through runtime.fast_path ('auto': bf16 in channels_last on CUDA and on a CPU with bf16
-    hardware, else fp32 NCHW; channels_last=False keeps NCHW), which also sets the model's memory format.
+    amp and channels_last go through runtime.fast_path ('auto': bf16 in channels_last on recent GPUs and on a CPU with
+    bf16 hardware, see there; channels_last=False keeps NCHW), which also sets the model's memory format.
     progress(done, total) runs after each batch.
     """
     device = torch.device(device)
     size = (3, model.img_size, model.img_size)
     amp, channels_last = fast_path(device, amp, channels_last)[:2]
     model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    mixed_precision = autocast(device, amp)
 
     def eps_model(z, t, y):
         if channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
-        with mixed_precision:
+        with autocast(device, amp):
             return model(z, t, y)
 
     labels = torch.as_tensor(labels, dtype=torch.long)

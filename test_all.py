@@ -65,11 +65,33 @@ def test_fast_path_is_bf16_in_channels_last_only_where_the_cpu_has_bf16_hardware
     amp, channels_last, why = runtime.fast_path("cpu")
     assert (amp, channels_last) == ("none", False) and why.startswith("auto: no native bf16 on this CPU (")
     assert runtime.fast_path("cpu", "bf16") == ("bf16", True, "--amp bf16")  # asked for: kept, with its layout
-    assert runtime.fast_path(torch.device("cuda"), "auto") == ("bf16", True, "auto: cuda")  # no GPU needed to decide
-    assert runtime.fast_path(torch.device("cuda"), "none") == ("none", True, "--amp none")
-    assert isinstance(runtime.autocast("cpu", "auto"), contextlib.nullcontext)
+    with torch.autocast("cpu", dtype=torch.bfloat16), runtime.autocast("cpu", "auto"):  # fp32 exactly, even inside bf16
+        assert not torch.is_autocast_enabled("cpu") and torch.backends.cudnn.conv.fp32_precision == "ieee"
     _fake_cpu(monkeypatch, amx_bf16=True)
     assert runtime.autocast("cpu", "auto").fast_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("capability, amp, why", [
+    ((9, 0), "bf16", "compute capability 9.0"), ((8, 0), "bf16", "compute capability 8.0"),
+    ((7, 5), "fp16", "compute capability 7.5: no native bf16, so fp16 with loss scaling"),
+    ((6, 1), "none", "compute capability 6.1: no tensor cores, so fp32")])
+def test_fast_path_on_cuda_follows_the_compute_capability_and_fp32_is_nchw_without_tf32(monkeypatch, capability, amp, why):
+    """cuDNN has bf16 convolutions from 8.0 only; below, fp16 on tensor cores (7.x). No GPU needed: its capability is
+    faked. --amp none is fp32 NCHW on CUDA as on the CPU, and train.py and bench.py keep TF32 out of it, backward too."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda", 1)
+    assert runtime.fast_path(cuda) == (amp, amp != "none", f"auto: cuda, {why}")
+    assert runtime.fast_path(cuda, "auto", channels_last=False) == (amp, False, f"auto: cuda, {why}")
+    assert runtime.fast_path(cuda, "none") == ("none", False, "--amp none")
+    assert runtime.fast_path(cuda, "bf16") == ("bf16", True, "--amp bf16")  # asked for: kept
+    matmul, conv, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn
+    for knobs, name, default in [(matmul, "fp32_precision", "none"), (conv, "fp32_precision", "tf32"),
+                                 (cudnn, "benchmark", False)]:
+        monkeypatch.setattr(knobs, name, default)  # PyTorch's defaults, restored after the test
+    runtime.tune_cuda(cuda, "bf16")
+    assert cudnn.benchmark and conv.fp32_precision == "tf32"
+    runtime.tune_cuda(cuda, "none")
+    assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
 
 
 def test_progress_lines_are_throttled_and_end_with_the_total(capsys):
@@ -1839,6 +1861,42 @@ def test_train_resume_is_exact(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_train_resume_keeps_the_runs_optimizer_settings_and_gives_its_state_the_parameters_layout(tmp_path):
+    """A checkpoint as CUDA writes it (fused Adam, state in channels_last) resumed in a CPU run in fp32 NCHW: the run's
+    Adam stays unfused, its state takes the parameters' layout, and the run equals an uninterrupted one. Restored as
+    saved, fused Adam on the CPU misreads the channels_last state (and differs from unfused Adam in the last bits)."""
+    args = ["--save-every", "0", "--sample-every", "0", "--lr", "0.01"]
+    _train_tiny_run(tmp_path, tmp_path / "run", "--iters", "2", *args)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    ckpt["opt"]["param_groups"][0]["fused"] = True
+    for state in ckpt["opt"]["state"].values():
+        state.update({k: v.contiguous(memory_format=torch.channels_last) for k, v in state.items() if v.dim() == 4})
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    resumed = _train_tiny_run(tmp_path, tmp_path / "run", "--iters", "3", *args)
+    _train_same_state(resumed, _train_tiny_run(tmp_path, tmp_path / "whole", "--iters", "3", *args))
+    assert resumed["opt"]["param_groups"][0]["fused"] is False
+    assert all(v.is_contiguous() for state in resumed["opt"]["state"].values() for v in state.values())
+
+
+def test_train_batches_draw_the_epoch_order_on_the_cpu_and_place_the_data_alike_on_every_rank(monkeypatch):
+    """Epoch e's order is torch.randperm from a CPU generator seeded seed * 1,000,000 + e, wherever the data lives (a
+    CUDA generator draws another order). On CUDA (faked here: no GPU needed) the data stays on the CPU, unpinned, when
+    any rank lacks room for it, though this one has room."""
+    images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+    labels = np.arange(10, dtype=np.int64)
+    get_batch = train.batches(images, labels, 4, 7, torch.device("cpu"), False)
+    for step in range(4):  # two epochs of two batches; the last two images of each are dropped
+        epoch, i = divmod(step, 2)
+        order = torch.randperm(10, generator=torch.Generator().manual_seed(7_000_000 + epoch))[4 * i:4 * i + 4]
+        x, y = get_batch(step)
+        source = torch.from_numpy(images[order.numpy()]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        assert torch.equal(y, order) and all(torch.equal(a, b) or torch.equal(a, b.flip(2)) for a, b in zip(x, source))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**40, 2**40))  # room on this GPU
+    monkeypatch.setattr(train, "max_over_ranks", lambda value, device: 1)  # another rank has none
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pytest.fail("pinned a copy the batches never use"))
+    train.batches(images, labels, 4, 7, torch.device("cuda"), False)  # without CUDA, a move to the GPU raises
+
+
 def test_train_kill_while_writing_checkpoint_keeps_the_previous_one(tmp_path):
     out = tmp_path / "run"
     _train_tiny_run(tmp_path, out, "--iters", "2")
@@ -2325,6 +2383,14 @@ def test_bench_follows_the_auto_rule_and_prints_the_cpu_table(monkeypatch, capsy
     for row in table[2:]:  # each figure, then its ratio to the first column
         base, other, ratio = (float(v) for v in re.fullmatch(r"\| .* \| ([\d.]+) \| ([\d.]+) \(([\d.]+)x\) \|", row).groups())
         assert base > 0 and other > 0 and ratio == pytest.approx(other / base, abs=0.01 + 0.1 * ratio)  # rounding
+
+
+def test_bench_timer_waits_for_the_timed_gpu(monkeypatch):
+    """torch.cuda.synchronize() alone waits for the current GPU, cuda:0 unless set: --device cuda:1 would stop early."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    bench.timed(lambda: None, 2, torch.device("cuda", 1))
+    assert synced == [torch.device("cuda", 1)] * 2
 
 
 # ---- toy.py ----

@@ -24,8 +24,8 @@ from distributed import gather_on_main, init_distributed, main_first, max_over_r
 from flags import AMP, existing_file, folder_or, number, numbers, output_dir, parser, unit_range
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
-from runtime import CleanStop, Stopped, append_line, autocast, fast_path, one_line, pick_device, save_grid, speed_line, warn, \
-    write_atomic
+from runtime import CleanStop, Stopped, append_line, autocast, fast_path, one_line, pick_device, save_grid, speed_line, \
+    tune_cuda, warn, write_atomic
 from sample import sample_images
 
 SAMPLES_PER_CLASS = 8  # columns per guidance scale in the sample grids
@@ -87,8 +87,8 @@ def get_parser():
                    " min(decay, (1+step)/(10+step))")
     g = p.add_argument_group("speed")
     g.add_argument("--amp", **AMP)
-    g.add_argument("--no-channels-last", action="store_true", help="keep NCHW (channels_last is used on CUDA and with bf16 "
-                   "or fp16 on the CPU)")
+    g.add_argument("--no-channels-last", action="store_true", help="keep NCHW (channels_last goes with bf16 and fp16; "
+                   "fp32 is NCHW)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training model")
     g = p.add_argument_group("run")
     g.add_argument("--out", type=out_folder, default="auto", help="run folder; auto: runs/standard, runs/aligned-w<w> or "
@@ -175,7 +175,8 @@ def read_checkpoint(p, path):
 
 def resume(p, path, config, model, ema, opt, scaler, device):
     """Restore the run folder's checkpoint (weights, optimizer, loss scaler, this rank's RNG) and return its step, 0 if
-    there is none. A checkpoint trained with other settings (MUST_MATCH) is refused, naming each difference."""
+    there is none; the optimizer keeps this run's settings (fused on CUDA) and its state takes each parameter's device,
+    dtype and memory format. A checkpoint trained with other settings (MUST_MATCH) is refused, naming each difference."""
     if not os.path.exists(path):
         return 0
     ckpt, old = read_checkpoint(p, path)
@@ -185,7 +186,11 @@ def resume(p, path, config, model, ema, opt, scaler, device):
     try:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
+        saved = ckpt["opt"]  # this run's fused: GradScaler hands fp16's found_inf to any Adam built fused, which must stay so
+        opt.load_state_dict({**saved, "param_groups": [{**s, "fused": g["fused"], "foreach": g["foreach"]}
+                                                       for s, g in zip(saved["param_groups"], opt.param_groups)]})
+        for param, state in opt.state.items():  # load_state_dict's .to() keeps the saved strides: fused Adam misreads them
+            state.update({k: torch.empty_like(param).copy_(v) for k, v in state.items() if k != "step"})
         if ckpt.get("scaler"):  # empty unless the run used fp16
             scaler.load_state_dict(ckpt["scaler"])
         rank, states = rank_and_world()[0], ckpt.get("rng_ranks") or [ckpt["rng"]]  # rng_ranks: from torchrun runs
@@ -213,17 +218,18 @@ def init_from(p, path, config, model, ema):
 def batches(images, labels, batch_size, seed, device, channels_last):
     """get_batch(step): the step's images in [-1, 1], randomly flipped, and labels, on device.
 
-    The data lives as uint8 on the training device when it fits (CIFAR-10: 150 MB), so batches never wait on a
-    loader. The epoch order comes from its own generator seeded by (seed, epoch): a resumed run recomputes it.
+    The data lives as uint8 on the training device when it fits in a quarter of the free GPU memory of every rank
+    (CIFAR-10: 150 MB), so batches never wait on a loader; else on the CPU, unpinned, as the batches it copies are.
+    The epoch order is drawn on the CPU by its own generator seeded by (seed, epoch), so it is the same wherever the
+    data lives (a CUDA generator draws another): a resumed run recomputes it, and torchrun's ranks share it.
     """
     data, targets = torch.from_numpy(images), torch.from_numpy(labels)
-    if device.type == "cuda" and data.nbytes < 0.25 * torch.cuda.mem_get_info(device)[0]:
+    room = device.type == "cuda" and data.nbytes < 0.25 * torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda" and not max_over_ranks(int(not room), device):  # the ranks place it alike: none waits on copies
         data, targets = data.to(device), targets.to(device)
-    elif device.type == "cuda":
-        data, targets = data.pin_memory(), targets.pin_memory()
     steps_per_epoch = len(data) // batch_size  # the last partial batch of each epoch is dropped
     epoch_order = functools.lru_cache(maxsize=1)(lambda epoch: torch.randperm(
-        len(data), generator=torch.Generator(data.device).manual_seed(seed * 1_000_000 + epoch), device=data.device))
+        len(data), generator=torch.Generator().manual_seed(seed * 1_000_000 + epoch)).to(data.device))
 
     def get_batch(step):
         epoch, i = divmod(step, steps_per_epoch)
@@ -238,14 +244,14 @@ def batches(images, labels, batch_size, seed, device, channels_last):
 # ---- one training step ----
 
 
-def train_step(args, net, ema, schedule, null_class, x, y, opt, scaler, params, ema_params, step, mixed_precision):
+def train_step(args, net, ema, schedule, null_class, x, y, opt, scaler, params, ema_params, step, amp):
     """Optimizer step number step + 1 on batch (x, y): warm-up lr, loss, backward, clipping, Adam, then the EMA
     with warm-up min(decay, (1 + step) / (10 + step)), so short runs already give a meaningful EMA.
     Returns the learning rate and the [loss, grad norm] pair, still on the device (no sync)."""
     lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
     for group in opt.param_groups:
         group["lr"] = lr
-    with mixed_precision:
+    with autocast(x.device, amp):
         if args.loss == "standard":
             loss = standard_loss(net, schedule, x, y, p_uncond=args.p_uncond, null_class=null_class)
         elif args.loss == "aligned":
@@ -374,12 +380,10 @@ def run(p, args, stop):
     if args.init_from and not os.path.exists(ckpt_path):  # once started, the run resumes from its own checkpoint
         init_from(p, args.init_from, config, model, ema)
     os.makedirs(out, exist_ok=True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")  # TF32 for --amp none
+    tune_cuda(device, amp)
     net = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None) if world > 1 else model
     net = torch.compile(net) if args.compile else net  # checkpoints take `model`: no _orig_mod. or module. prefixes
-    schedule, mixed_precision = Schedule(args.schedule), autocast(device, amp)
+    schedule = Schedule(args.schedule)
     get_batch = batches(images, labels, args.batch_size, args.seed, device, channels_last)
     figures = Figures(ckpt_path, start if os.path.exists(ckpt_path) else None)
     params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -397,8 +401,7 @@ def run(p, args, stop):
     t_log, next_log, stop.defer = time.time(), 0, True  # a signal now ends the loop after its step, with a checkpoint
     for step in range(start, args.iters):  # `step` optimizer steps are done; this iteration makes step + 1
         x, y = get_batch(step)
-        lr, figure = train_step(args, net, ema, schedule, null_class, x, y, opt, scaler, params, ema_params, step,
-                                mixed_precision)
+        lr, figure = train_step(args, net, ema, schedule, null_class, x, y, opt, scaler, params, ema_params, step, amp)
         figures.pending.append(figure)
         done = step + 1
         log_due = done in (start + 1, args.iters) or (done >= next_log if world > 1 else time.time() - t_log >= args.log_every)
