@@ -45,6 +45,20 @@ from diffusion import Schedule, add_noise, ancestral_sample, ddim_sample
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
 
+
+@pytest.fixture(autouse=True)
+def _signals_as_in_a_terminal():
+    """Every test starts with Python's own SIGINT and SIGTERM handling, whatever this process inherited or an earlier
+    test left: a shell starts a script's background job (nohup ... &, cron, some CI runners) with SIGINT ignored, and
+    CleanStop rightly leaves an ignored signal ignored, so a test that sends itself one would see it do nothing. The
+    commands that tests start as child processes get the defaults too: exec resets a handled signal, not an ignored one."""
+    signals = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    old = {s: signal.signal(s, handler) for s, handler in signals.items()}
+    yield
+    for s, handler in old.items():
+        signal.signal(s, handler if handler is not None else signals[s])  # None: a handler not set from Python
+
+
 # ---- runtime.py: the precision and layout rule, progress lines ----
 
 
@@ -1503,6 +1517,20 @@ def test_clean_stop_turns_a_signal_into_one_line_and_128_plus_its_number(capsys)
     with pytest.raises(SystemExit) as exc, runtime.CleanStop("unused"):
         raise runtime.WriteError("cannot write x.npz: No space left on device")
     assert exc.value.code == "error: cannot write x.npz: No space left on device"
+
+
+def test_the_signal_tests_pass_in_a_background_job_that_ignores_sigint_and_sigterm():
+    """Run as `setsid nohup python3 -m pytest ... &` from a script: no terminal, and SIGINT (here SIGTERM too) ignored
+    from the start. The tests that send themselves a signal pass there as well (_signals_as_in_a_terminal)."""
+    background = ("import signal, sys, pytest\n"
+                  "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                  "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                  "sys.exit(pytest.main(sys.argv[1:]))\n")
+    tests = "clean_stop_turns_a_signal or sigint_in_step_3 or sample_sigterm_while_drawing"
+    run = subprocess.run([sys.executable, "-c", background, "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                         cwd=Path(__file__).parent, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+                         start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0 and "3 passed" in run.stdout, run.stdout[-3000:]
 
 
 def test_sample_sigterm_while_drawing_writes_nothing_and_says_how_far_it_got(sample_ckpt, tmp_path, monkeypatch, capsys):
