@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def pick_device(name):
@@ -184,20 +184,30 @@ def append_line(path, text):
         raise _write_error(path, e) from e
 
 
-def class_grid(images, rows, max_cols=100):
-    """(tiles, nrow) for save_grid: images in balanced_labels order over `rows` classes, one row per class, black
-    where a row runs short; at most max_cols per row, so a 50,000-image run still gives a viewable grid."""
-    cols = min(-(-len(images) // rows), max_cols)
+def save_grid(images, path, nrow, row_names=()):
+    """Tile uint8 images [N, H, W, 3] into rows of nrow and write them as one PNG, each of row_names (a class grid's
+    class names) in white at the left of its row, in PIL's default font."""
+    n, h, w, _ = images.shape
+    font = ImageFont.load_default()
+    margin = max((font.getbbox(name)[2] + 4 for name in row_names), default=0)
+    grid = np.zeros((-(-n // nrow) * h, margin + nrow * w, 3), np.uint8)
+    for i, img in enumerate(images):
+        top, left = (i // nrow) * h, margin + (i % nrow) * w
+        grid[top:top + h, left:left + w] = img
+    picture = Image.fromarray(grid)
+    for row, name in enumerate(row_names):
+        _, above, _, below = font.getbbox(name)
+        ImageDraw.Draw(picture).text((2, row * h + (h - above - below) // 2), name, fill="white", font=font)
+    write_atomic(path, lambda f: picture.save(f, format="PNG"))
+
+
+def save_class_grid(images, path, names, max_cols):
+    """save_grid for images in balanced_labels order over the classes `names`: a row per class, named, black where a
+    row runs short, at most max_cols images a row, so that the grid of a 50,000-image run can still be looked at.
+    Returns the number of columns."""
+    rows, cols = len(names), min(-(-len(images) // len(names)), max_cols)
     tiles = np.zeros((cols * rows, *images.shape[1:]), np.uint8)
     tiles[:len(images[:cols * rows])] = images[:cols * rows]
-    return tiles.reshape(cols, rows, *images.shape[1:]).swapaxes(0, 1).reshape(-1, *images.shape[1:]), cols
-
-
-def save_grid(images, path, nrow):
-    """Tile uint8 images [N, H, W, 3] into rows of nrow and write them as one PNG."""
-    n, h, w, _ = images.shape
-    rows = -(-n // nrow)
-    grid = np.zeros((rows * h, nrow * w, 3), np.uint8)
-    for i, img in enumerate(images):
-        grid[(i // nrow) * h:(i // nrow + 1) * h, (i % nrow) * w:(i % nrow + 1) * w] = img
-    write_atomic(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+    tiles = tiles.reshape(cols, rows, *images.shape[1:]).swapaxes(0, 1)  # image i is of class i % rows
+    save_grid(tiles.reshape(-1, *images.shape[1:]), path, cols, names)
+    return cols

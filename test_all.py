@@ -97,6 +97,26 @@ def test_progress_lines_are_throttled_and_end_with_the_total(capsys):
     assert re.fullmatch(r"\[cell 1/2\] 1/4 images, [\d.]+ images/s, eta [\d.]+ min\n", capsys.readouterr().err)
 
 
+def test_class_grid_of_1000_images_shows_10_a_class_and_names_each_row(tmp_path):
+    """sample.py --n 1000 on CIFAR-10: 10 columns, not 100 (a 3,200-pixel strip), and each row's class name at its left."""
+    images = np.random.default_rng(0).integers(0, 256, (1000, 32, 32, 3), np.uint8)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert runtime.save_class_grid(images, tmp_path / "grid.png", names, max_cols=10) == 10
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    margin = grid.shape[1] - 10 * 32
+    assert grid.shape[0] == 10 * 32 and 30 < margin < 100  # about 380 pixels wide
+    rows = [grid[32 * r:32 * (r + 1)] for r in range(10)]
+    for r, row in enumerate(rows):  # balanced_labels order: image i is of class i % 10
+        assert all(np.array_equal(row[:, margin + 32 * c:margin + 32 * (c + 1)], images[10 * c + r]) for c in range(10))
+    labels = [row[:, :margin] for row in rows]
+    assert all(label.max() > 200 for label in labels) and len({label.tobytes() for label in labels}) == 10
+    ink = [np.nonzero(label.max(axis=(0, 2)) > 100)[0].max() for label in labels]  # the rightmost column of each name
+    assert ink[3] < ink[0] < ink[1]  # "cat" is shorter than "airplane", which is shorter than "automobile"
+    assert runtime.save_class_grid(images[:25], tmp_path / "few.png", names, max_cols=10) == 3
+    runtime.save_grid(images[:4], tmp_path / "plain.png", 2)  # no names: no margin
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "plain.png"))[32:, 32:], images[3])
+
+
 # ---- diffusion.py: schedules ----
 
 
@@ -640,6 +660,7 @@ FLAG_TABLE = [
     ("sample", ["--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
     ("sample", ["--out", "{file}"], "argument --out: {file} is a file, expected a directory"),
     ("sample", ["--out", "{file}/x"], "argument --out: {file}/x: {file} is a file, so the directory cannot be created"),
+    ("sample", ["--grid-per-class", "0"], "argument --grid-per-class: expected an integer >= 1, got '0'"),
     ("sample", ["--png-dir", "{file}"], "argument --png-dir: {file} is a file, expected a directory"),
     ("sample", ["--device", "gpu0"], "argument --device: unknown device 'gpu0'"),
     ("sample", ["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
@@ -1378,18 +1399,33 @@ def test_sample_auto_precision_follows_the_cpu(sample_ckpt, tmp_path, monkeypatc
 
 def test_sample_writes_adm_npz_class_grid_and_pngs(sample_ckpt, tmp_path, capsys):
     images, labels = _sample_run(sample_ckpt, tmp_path, "--n", "25", "--w", "2", "--png-dir", str(tmp_path / "png"))
-    assert "images/s" in capsys.readouterr().out
     assert images.dtype == np.uint8 and images.shape == (25, 16, 16, 3)
     assert labels.dtype.kind == "i" and labels.tolist() == list(range(10)) * 2 + [0, 1, 2, 3, 4]
     assert images.min() < 64 and images.max() > 192 and len(np.unique(images.reshape(25, -1), axis=0)) == 25
+    out = capsys.readouterr().out
+    assert "images/s" in out and out.splitlines()[-1] == (f"wrote {tmp_path / 'samples.npz'} (25 images) and "
+                                                           f"{tmp_path / 'grid.png'} (all of them)")
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
-    assert grid.shape == (10 * 16, 3 * 16, 3)  # one row per class, ceil(25 / 10) = 3 columns
-    tile = lambda r, c: grid[16 * r:16 * (r + 1), 16 * c:16 * (c + 1)]
+    margin = grid.shape[1] - 3 * 16  # the class names
+    assert grid.shape[0] == 10 * 16 and margin > 0  # one row per class, ceil(25 / 10) = 3 columns
+    tile = lambda r, c: grid[16 * r:16 * (r + 1), margin + 16 * c:margin + 16 * (c + 1)]
     assert np.array_equal(tile(3, 1), images[13]) and np.array_equal(tile(4, 2), images[24])
     assert not tile(5, 2).any()  # class 5 has only two images: its third tile is blank
     pngs = sorted((tmp_path / "png").iterdir())
     assert len(pngs) == 25 and np.array_equal(np.asarray(Image.open(pngs[7])), images[7])
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_sample_grid_shows_grid_per_class_images_of_each_class_and_says_how_many(sample_ckpt, tmp_path, capsys):
+    images, _ = _sample_run(sample_ckpt, tmp_path, "--n", "12", "--classes", "cat,dog", "--grid-per-class", "4",
+                            "--steps", "1")
+    assert len(images) == 12  # all of them in samples.npz
+    assert capsys.readouterr().out.splitlines()[-1] == (f"wrote {tmp_path / 'samples.npz'} (12 images) and "
+                                                        f"{tmp_path / 'grid.png'} (8 of them, 4 per class)")
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    margin = grid.shape[1] - 4 * 16
+    assert grid.shape[0] == 2 * 16 and margin > 0
+    assert np.array_equal(grid[:16, margin + 48:], images[6]) and np.array_equal(grid[16:, margin + 48:], images[7])
 
 
 def test_sample_same_seed_same_images_for_any_batch_size(sample_ckpt, tmp_path):
@@ -1405,7 +1441,8 @@ def test_sample_same_seed_same_images_for_any_batch_size(sample_ckpt, tmp_path):
 def test_sample_requested_classes_in_requested_proportions(sample_ckpt, tmp_path):
     images, labels = _sample_run(sample_ckpt, tmp_path / "mix", "--n", "9", "--classes", "3,dog,3")
     assert labels.tolist() == [3, 5, 3] * 3  # names resolve through the checkpoint; listed twice, twice the share
-    assert np.asarray(Image.open(tmp_path / "mix" / "grid.png")).shape == (3 * 16, 3 * 16, 3)
+    grid = np.asarray(Image.open(tmp_path / "mix" / "grid.png"))  # rows cat, dog, cat: images 0, 3, 6 in the first
+    assert grid.shape[0] == 3 * 16 and np.array_equal(grid[:16, -16:], images[6])
     cats, _ = _sample_run(sample_ckpt, tmp_path / "cats", "--n", "9", "--classes", "cat")
     diff = np.abs(images.astype(int) - cats).reshape(9, -1).max(axis=1)
     assert (diff[[0, 2, 3, 5, 6, 8]] <= 1).all() and (diff[[1, 4, 7]] > 20).all()  # each image gets its own label
@@ -1994,7 +2031,9 @@ def test_train_tiny_run_through_the_command_line(tmp_path):
     assert config["unet"] == dict(num_classes=3, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_res=[], dropout=0.1, img_size=8)
     UNet(**config["unet"]).load_state_dict(ckpt["ema"])  # strict: the names and shapes of the network
     grid = np.asarray(Image.open(out / "samples_0000030.png"))
-    assert grid.shape == (3 * 8, 2 * 8 * 8, 3) and (out / "samples_0000015.png").exists()
+    margin = grid.shape[1] - 2 * 8 * 8  # a row per class, its name at the left, 8 images at w = 0, 8 at w = 2
+    assert grid.shape[0] == 3 * 8 and margin > 0 and (out / "samples_0000015.png").exists()
+    assert all(grid[8 * r:8 * (r + 1), :margin].max() > 200 for r in range(3))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 31)) and all(r["img_per_s"] > 0 for r in log)
     first, last = np.mean([r["loss"] for r in log[:5]]), np.mean([r["loss"] for r in log[-5:]])
@@ -2114,7 +2153,7 @@ def test_sweep_writes_results_and_resumes_only_missing_cells(tmp_path):
     grids = sorted(p.name for p in (out / "grids").iterdir())
     assert grids == ["aligned-w2_steps2_w0.png", "aligned-w2_steps2_w2.png", "standard_steps2_w0.png", "standard_steps2_w2.png"]
     first = np.asarray(Image.open(out / "grids" / "standard_steps2_w0.png"))
-    assert first.shape == (4 * 16, 16, 3)  # 4 images over 10 classes: 4 rows of one
+    assert first.shape[0] == 4 * 16 and first.shape[1] > 16  # 4 images over 10 classes: 4 named rows of one
 
     # drop the standard w = 0 cell: a second run recomputes it alone, with the same noise, so the same FID
     (out / "results.csv").write_text("\n".join([header] + lines[1:]) + "\n")

@@ -306,16 +306,16 @@ def save_checkpoint(path, model, ema, opt, scaler, step, config, device):
         print(f"step {step}: the {world} ranks hold bitwise equal weights and EMA; wrote {path}", file=sys.stderr)
 
 
-def sample_grid(ema, schedule, args, null_class, device, amp, channels_last, path):
-    """One row per class: SAMPLES_PER_CLASS EMA images at w = 0, then the same noises at the training w (standard: 2);
-    guidance-free: first unguided (w_eff = 0, at w = -W / (1 + W)), then at w = 0, its own guidance W."""
+def sample_grid(ema, schedule, args, class_names, device, amp, channels_last, path):
+    """One row per class, named: SAMPLES_PER_CLASS EMA images at w = 0, then the same noises at the training w (standard:
+    2); guidance-free: first unguided (w_eff = 0, at w = -W / (1 + W)), then at w = 0, its own guidance W."""
     ws = {"standard": [0.0, 2.0], "aligned": [0.0, args.w], "guidance-free": [-args.w / (1 + args.w), 0.0]}[args.loss]
-    ws = list(dict.fromkeys(ws))  # one column when they coincide (aligned or guidance-free at w = 0)
+    ws, null_class = list(dict.fromkeys(ws)), len(class_names)  # one column when the ws coincide (aligned, gf at w = 0)
     ys = np.repeat(np.arange(null_class), SAMPLES_PER_CLASS)
     grids = np.stack([sample_images(ema, schedule, ys, null_class=null_class, w=w, steps=args.sample_steps, seed=args.seed,
                                     device=device, amp=amp, channels_last=channels_last) for w in ws])  # [len(ws), C * k, H, W, 3]
     grids = grids.reshape(len(ws), null_class, SAMPLES_PER_CLASS, *grids.shape[2:]).transpose(1, 0, 2, 3, 4, 5)
-    save_grid(grids.reshape(-1, *grids.shape[3:]), path, nrow=len(ws) * SAMPLES_PER_CLASS)
+    save_grid(grids.reshape(-1, *grids.shape[3:]), path, len(ws) * SAMPLES_PER_CLASS, class_names)
     return path
 
 # ---- main: setup, then the loop ----
@@ -388,7 +388,7 @@ def run(p, args, stop):
         if (args.sample_every and done % args.sample_every == 0) or done == args.iters:
             figures.check(done)  # never sample, or save, weights that came from a non-finite loss
             if rank == 0:  # the EMA module alone, no collective inside: the other ranks wait in the next one
-                path = sample_grid(ema, schedule, args, null_class, device, amp, channels_last,
+                path = sample_grid(ema, schedule, args, class_names, device, amp, channels_last,
                                    os.path.join(out, f"samples_{done:07d}.png"))
                 print(f"step {done}: wrote {path}", file=sys.stderr)
         keep = args.keep_every and done % args.keep_every == 0
