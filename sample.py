@@ -174,6 +174,8 @@ def main(argv=None):
 
 def run(p, args, stop):
     device, rank = init_distributed(args.device), rank_and_world()[0]  # a plain run: (args.device, 0)
+    if rank == 0:  # the one writer under torchrun; it locks first, so that a second run is refused before drawing
+        stop.hold(args.out)
     try:
         model, config = load_checkpoint(args.ckpt, device, ema=not args.no_ema)
     except CheckpointError as e:
@@ -202,7 +204,6 @@ def run(p, args, stop):
     if images is None:  # under torchrun rank 0 alone writes
         return
     stop.finished = f"after all {args.n} images, while writing them: no file in {args.out} is half-written"
-    os.makedirs(args.out, exist_ok=True)
     grid, npz = os.path.join(args.out, "grid.png"), os.path.join(args.out, "samples.npz")
     nrow = save_class_grid(images, grid, [names[c] for c in classes], args.grid_per_class)
     write_atomic(npz, lambda f: np.savez(f, arr_0=images, arr_1=labels))

@@ -145,7 +145,7 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
     cell is in results.csv."""
     ws = ws or [0.0] if w_effs is None else ws
     method = sampler_text(sampler, v, guidance_interval)
-    fid.check_input(ref)  # every input is checked before any work, and before out/ is made
+    fid.check_input(ref)  # every input is checked before any work
     if kid and n < kid_subset_size:
         raise FIDError(f"--kid-subset-size {kid_subset_size} is more than the --n {n} images of a cell: lower it to at "
                        f"most {n}")
@@ -256,14 +256,16 @@ def main(argv=None):
                    "subset (>= 2, at most --n and the reference's count)")
     p.add_argument("--prdc", action="store_true", help="also precision, recall (k = 3), density and coverage (k = 5)")
     args = p.parse_args(argv)
-    device = init_distributed(args.device)  # a plain run: args.device
+    device, rank = init_distributed(args.device), rank_and_world()[0]  # a plain run: (args.device, 0)
     csv_path = os.path.join(args.out, "results.csv")
-    stop = CleanStop(f"before a cell was finished: {csv_path} is as it was", quiet=rank_and_world()[0] > 0)
+    stop = CleanStop(f"before a cell was finished: {csv_path} is as it was", quiet=rank > 0)
 
     def on_cell(done, total):  # a stopped sweep keeps its finished cells, and a rerun skips them
         stop.finished = f"after {done} of {total} cells, kept in {csv_path}: run the same command for the rest"
     try:
         with stop:  # a signal or a failed write ends it with one line
+            if rank == 0:  # the one writer under torchrun; it locks before results.csv is read, to be rewritten
+                stop.hold(args.out)
             run_sweep(args.ckpt, args.steps, args.n, ws=args.w if args.w_eff is None else None, w_effs=args.w_eff,
                       ref=args.ref, out=args.out, eta=args.eta, seed=args.seed, clip_x0=not args.no_clip,
                       batch_size=args.batch_size, device=device, amp=args.amp, fid_batch_size=args.fid_batch_size,

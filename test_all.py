@@ -1589,7 +1589,7 @@ def test_sample_sigterm_while_drawing_writes_nothing_and_says_how_far_it_got(sam
 
 def test_sample_disk_full_names_the_file_and_keeps_the_previous_files(sample_ckpt, tmp_path):
     _sample_run(sample_ckpt, tmp_path, "--n", "25", "--seed", "1")
-    before = {name: (tmp_path / name).read_bytes() for name in ("grid.png", "samples.npz")}
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}  # .lock too: the folder's lock
     with pytest.raises(SystemExit) as exc, _file_size_limit(len(before["grid.png"]) // 2):
         _sample_run(sample_ckpt, tmp_path, "--n", "25")  # other images, written to the same files
     assert exc.value.code == f"error: cannot write {tmp_path / 'grid.png'}: File too large"
@@ -1911,7 +1911,7 @@ def test_train_sigterm_saves_the_step_it_stops_at_and_the_resumed_run_equals_an_
     assert output.strip().splitlines()[-1] == (f"stopped by SIGTERM at step {step}: checkpoint saved, run the same command "
                                                "to resume")
     assert 1 <= step < 1000 and json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == step
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "log.jsonl"]
     resumed = _train_tiny_run(tmp_path, out, "--iters", str(step + 2), *args)
     _train_same_state(resumed, _train_tiny_run(tmp_path, tmp_path / "whole", "--iters", str(step + 2), *args))
 
@@ -2542,6 +2542,59 @@ def test_study_report_picks_each_best_w_reads_the_floors_and_skips_done_stages(t
     assert (out / "logs" / "ok.log").read_text() == "hi\n"
 
 
+# ---- one command at a time on a folder ----
+
+# what each command calls once it holds its folder: the first run of a test pauses there
+_PAUSE_HOLDING = {"train": "load_data", "sample": "load_checkpoint", "sweep": "run_sweep", "study": "finished"}
+
+
+@pytest.mark.parametrize("command", list(_PAUSE_HOLDING))
+def test_a_second_command_on_a_folder_in_use_is_refused_and_kill_9_frees_it(command, sample_ckpt, tmp_path, capsys,
+                                                                            monkeypatch):
+    """Two runs on one folder corrupt each other (one renames away the other's ckpt.pt.tmp, results.csv loses rows): the
+    first holds an OS lock on the folder, a second is refused at once in one line naming the folder and the first's
+    process, exit status 2, having written nothing. The OS drops a killed process's lock, so a new run then starts."""
+    out = tmp_path / "out"
+    argv = {"train": ["--data", str(_train_class_folder(tmp_path / "imgs")), "--out", str(out), "--batch-size", "4",
+                      "--iters", "1", "--sample-every", "0", *_TRAIN_TINY],
+            "sample": ["--ckpt", sample_ckpt, "--out", str(out), "--n", "1", "--steps", "1", "--amp", "none"],
+            "sweep": ["--ckpt", sample_ckpt, "--out", str(out)],
+            "study": ["--out", str(out)]}[command]
+    pause = (f"import sys, time, {command}\n"
+             "def holding(*args, **kw):\n"
+             "    print('holding', flush=True)\n"
+             "    time.sleep(120)\n"
+             f"{command}.{_PAUSE_HOLDING[command]} = holding\n"
+             f"{command}.main(sys.argv[1:])\n")
+    first = subprocess.Popen([sys.executable, "-c", pause, *argv], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert first.stdout.readline() == "holding\n"
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        with pytest.raises(SystemExit) as exc:
+            globals()[command].main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and err[0].endswith(
+            f"error: {out} is in use by process {first.pid} (-c): wait for it to end, or use another folder")
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    finally:
+        first.kill()  # SIGKILL: no clean-up of any kind
+        first.wait()
+    if command == "train":
+        assert _train_tiny_run(tmp_path, out, "--iters", "1", "--sample-every", "0")["step"] == 1
+    elif command == "sample":
+        assert len(_sample_run(sample_ckpt, out, "--n", "1", "--steps", "1")[0]) == 1
+    elif command == "sweep":  # it gets past the lock to its work, which the sweep's own tests cover
+        monkeypatch.setattr(sweep, "run_sweep", lambda *args, out, **kw: print(f"sweeping into {out}"))
+        sweep.main(argv)
+        assert capsys.readouterr().out == f"sweeping into {out}\n"
+    else:
+        monkeypatch.setattr(study, "stages", lambda a, W: [("ok", ["-c", "pass"])])
+        study.main(argv)
+        assert "every stage is done" in capsys.readouterr().out
+    assert (out / ".lock").read_text() == f"process {os.getpid()} ({os.path.basename(sys.argv[0])})\n"
+
+
 # ---- more than one process (torchrun, gloo) ----
 
 
@@ -2564,7 +2617,9 @@ def test_torchrun_two_ranks_train_in_step_write_once_and_resume_on_any_count(tmp
     for step in (3, 4):
         assert f"step {step}: the 2 ranks hold bitwise equal weights and EMA; wrote {out / 'ckpt.pt'}" in run.stderr
     assert run.stderr.count("warning: no CUDA device") == 1 and run.stderr.count("step 3/4 |") == 1
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl", "samples_0000002.png", "samples_0000004.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "ckpt.pt", "log.jsonl", "samples_0000002.png",
+                                                     "samples_0000004.png"]
+    assert re.fullmatch(r"process \d+ \(train\.py\)\n", (out / ".lock").read_text())  # rank 0 alone locks: one holder
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt.keys() == step2.keys() | {"rng_ranks"} and len(ckpt["rng_ranks"]) == 2
     assert torch.equal(ckpt["rng"]["cpu"], ckpt["rng_ranks"][0]["cpu"])
@@ -2611,7 +2666,7 @@ def test_torchrun_sigterm_stops_both_ranks_at_one_step_and_rank_0_saves_it(tmp_p
     assert status != 0 and output.count("stopped by SIGTERM") == 1 and output.count("hold bitwise equal") == 1, output
     assert f"stopped by SIGTERM at step {step}: checkpoint saved, run the same command to resume" in output
     assert f"step {step}: the 2 ranks hold bitwise equal weights and EMA; wrote {out / 'ckpt.pt'}" in output
-    assert len(ckpt["rng_ranks"]) == 2 and sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
+    assert len(ckpt["rng_ranks"]) == 2 and sorted(os.listdir(out)) == [".lock", "ckpt.pt", "log.jsonl"]
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == list(range(1, step + 1))
 
 

@@ -333,6 +333,8 @@ def run(p, args, stop):
     device, (rank, world) = init_distributed(args.device), rank_and_world()  # a plain run: (args.device, (0, 1))
     amp, channels_last, why = fast_path(device, args.amp, not args.no_channels_last)
     out = args.out
+    if rank == 0:  # the one writer under torchrun; it locks before resume reads ckpt.pt, which another run may replace
+        stop.hold(out)
     with main_first():  # under torchrun rank 0 downloads CIFAR-10 before the other ranks read it
         images, labels, class_names = load_data(p, args)
     config = make_config(args, device, amp, out, class_names, images.shape[1])
@@ -351,7 +353,6 @@ def run(p, args, stop):
     if world > 1:  # every rank has the same initial weights; then each draws its own noise, labels dropped and flips
         torch.manual_seed(int(np.random.SeedSequence([args.seed, rank]).generate_state(1)[0]))
     start = resume(p, ckpt_path, config, model, ema, opt, scaler, device)
-    os.makedirs(out, exist_ok=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 for --amp none
