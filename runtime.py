@@ -1,5 +1,6 @@
 """Run-time plumbing that every command shares: the device, the one rule for precision and memory layout (fast_path),
-progress and warning lines, one-line errors, clean stops on SIGTERM and SIGINT, atomic writes of files and PNG grids."""
+progress and warning lines, one-line errors, clean stops on SIGTERM and SIGINT, a lock on the folder a command writes,
+atomic writes of files and PNG grids."""
 import argparse
 import contextlib
 import math
@@ -10,7 +11,12 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+try:
+    import fcntl
+except ImportError:  # Windows, where the project is not tested: folders are then written without a lock
+    fcntl = None
 
 
 def pick_device(name):
@@ -139,6 +145,33 @@ class WriteError(Exception):
     """A file that could not be written (disk full, quota, permissions, size limit); the message names it."""
 
 
+def lock_folder(folder):
+    """Lock folder (made if need be) for this process, or end the command: one line naming the folder and the process
+    that holds it, exit status 2, nothing written. The lock is the OS's, on folder/.lock, and lasts while the returned
+    file is open: the OS drops it when the process ends, however it ends (kill -9 too), so no stale lock is left.
+    .lock holds the holder's process id and command, for that line; once no process holds it, it means nothing."""
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    command = os.path.basename(sys.argv[0])
+    try:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        print(f"{command}: error: {folder} is in use by {holder}: wait for it to end, or use another folder",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+    if not os.path.exists(f.name) or not os.path.samestat(os.fstat(f.fileno()), os.stat(f.name)):
+        f.close()  # the last holder removed this .lock as we locked it (CleanStop.hold): lock the one there now
+        return lock_folder(folder)
+    f.truncate(0)
+    f.write(f"process {os.getpid()} ({command})\n")
+    f.flush()
+    return f
+
+
 class CleanStop:
     """`with CleanStop(finished) as stop:` around a command's work. SIGTERM (kill, timeout, SLURM, Kubernetes) and
     SIGINT (Ctrl-C) end it with one line, `stopped by SIGTERM <stop.finished>` (none if quiet: torchrun's other ranks),
@@ -147,15 +180,21 @@ class CleanStop:
 
     stop.defer = True (training) turns a signal into stop.signum instead, for the loop to stop where it chooses; repeated
     signals are then ignored (a terminal and a scheduler may both send one) until defer is False again, as it is during
-    the final save, which a second signal then abandons."""
+    the final save, which a second signal then abandons.
+
+    stop.hold(folder) locks the folder the command writes (lock_folder) until the work ends, however it ends; a folder
+    that hold made and the work then wrote nothing into (bad input, a stop) is removed again, lock file and all."""
 
     def __init__(self, finished, quiet=False):
-        self.finished, self.quiet, self.defer, self.signum = finished, quiet, False, None
+        self.finished, self.quiet, self.defer, self.signum, self.lock = finished, quiet, False, None, None
 
     def __enter__(self):  # a signal that the parent ignores stays ignored (Ctrl-C and a script's background job)
         self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)
                     if signal.getsignal(s) is not signal.SIG_IGN}
         return self
+
+    def hold(self, folder):
+        self.made, self.lock = not os.path.isdir(folder), lock_folder(folder)
 
     def handle(self, signum, frame):
         if not self.defer:
@@ -163,6 +202,12 @@ class CleanStop:
         self.signum = self.signum or signum
 
     def __exit__(self, kind, e, traceback):
+        if self.lock is not None:
+            folder = os.path.dirname(self.lock.name)
+            if self.made and os.listdir(folder) == [".lock"]:
+                os.remove(self.lock.name)
+                os.rmdir(folder)
+            self.lock.close()
         for s, handler in self.old.items():
             signal.signal(s, handler)
         if isinstance(e, Stopped):
@@ -213,20 +258,30 @@ def append_line(path, text):
         raise _write_error(path, e) from e
 
 
-def class_grid(images, rows, max_cols=100):
-    """(tiles, nrow) for save_grid: images in balanced_labels order over `rows` classes, one row per class, black
-    where a row runs short; at most max_cols per row, so a 50,000-image run still gives a viewable grid."""
-    cols = min(-(-len(images) // rows), max_cols)
+def save_grid(images, path, nrow, row_names=()):
+    """Tile uint8 images [N, H, W, 3] into rows of nrow and write them as one PNG, each of row_names (a class grid's
+    class names) in white at the left of its row, in PIL's default font."""
+    n, h, w, _ = images.shape
+    font = ImageFont.load_default()
+    margin = max((font.getbbox(name)[2] + 4 for name in row_names), default=0)
+    grid = np.zeros((-(-n // nrow) * h, margin + nrow * w, 3), np.uint8)
+    for i, img in enumerate(images):
+        top, left = (i // nrow) * h, margin + (i % nrow) * w
+        grid[top:top + h, left:left + w] = img
+    picture = Image.fromarray(grid)
+    for row, name in enumerate(row_names):
+        _, above, _, below = font.getbbox(name)
+        ImageDraw.Draw(picture).text((2, row * h + (h - above - below) // 2), name, fill="white", font=font)
+    write_atomic(path, lambda f: picture.save(f, format="PNG"))
+
+
+def save_class_grid(images, path, names, max_cols):
+    """save_grid for images in balanced_labels order over the classes `names`: a row per class, named, black where a
+    row runs short, at most max_cols images a row, so that the grid of a 50,000-image run can still be looked at.
+    Returns the number of columns."""
+    rows, cols = len(names), min(-(-len(images) // len(names)), max_cols)
     tiles = np.zeros((cols * rows, *images.shape[1:]), np.uint8)
     tiles[:len(images[:cols * rows])] = images[:cols * rows]
-    return tiles.reshape(cols, rows, *images.shape[1:]).swapaxes(0, 1).reshape(-1, *images.shape[1:]), cols
-
-
-def save_grid(images, path, nrow):
-    """Tile uint8 images [N, H, W, 3] into rows of nrow and write them as one PNG."""
-    n, h, w, _ = images.shape
-    rows = -(-n // nrow)
-    grid = np.zeros((rows * h, nrow * w, 3), np.uint8)
-    for i, img in enumerate(images):
-        grid[(i // nrow) * h:(i // nrow + 1) * h, (i % nrow) * w:(i % nrow + 1) * w] = img
-    write_atomic(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+    tiles = tiles.reshape(cols, rows, *images.shape[1:]).swapaxes(0, 1)  # image i is of class i % rows
+    save_grid(tiles.reshape(-1, *images.shape[1:]), path, cols, names)
+    return cols

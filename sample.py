@@ -1,7 +1,7 @@
 """Guided DDIM sampling from a train.py checkpoint: python sample.py --ckpt runs/aligned-w2/ckpt.pt --w 5 --steps 50
 
-writes grid.png (one row per class) and samples.npz (OpenAI ADM's format: arr_0 uint8 [N, H, W, 3], arr_1 labels) to
---out. Its functions need no argparse: train.py (sample grids) and sweep.py use them.
+writes samples.npz (OpenAI ADM's format: arr_0 uint8 [N, H, W, 3], arr_1 labels) and grid.png (a named row per class)
+to --out. Its functions need no argparse: train.py (sample grids) and sweep.py use them.
 """
 import os
 
@@ -13,7 +13,7 @@ from diffusion import Schedule, ancestral_sample, ddim_sample
 from distributed import gather_on_main, init_distributed, rank_and_world, share
 from flags import AMP, existing_file, interval, number, output_dir, parser
 from model import UNet
-from runtime import CleanStop, autocast, class_grid, fast_path, one_line, pick_device, progress, save_grid, speed_line, \
+from runtime import CleanStop, autocast, fast_path, one_line, pick_device, progress, save_class_grid, speed_line, \
     write_atomic
 
 
@@ -160,9 +160,10 @@ def main(argv=None):
                    "OOM), 8 on CPU")
     p.add_argument("--seed", type=number(int, lo=0), default=0, help="image i is drawn from a generator seeded seed + i")
     p.add_argument("--out", type=output_dir, default="samples", help="directory for grid.png and samples.npz")
+    p.add_argument("--grid-per-class", type=number(int, lo=1), default=10, help="images of each class that grid.png "
+                   "shows (>= 1); samples.npz and --png-dir hold them all")
     p.add_argument("--png-dir", type=output_dir, help="also write one PNG per image into this directory")
-    p.add_argument("--device", type=pick_device, default="auto",
-                   help="auto (cuda when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--device", type=pick_device, default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
     p.add_argument("--amp", **AMP)
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA weights")
     args = p.parse_args(argv)
@@ -172,6 +173,8 @@ def main(argv=None):
 
 def run(p, args, stop):
     device, rank = init_distributed(args.device), rank_and_world()[0]  # a plain run: (args.device, 0)
+    if rank == 0:  # the one writer under torchrun; it locks first, so that a second run is refused before drawing
+        stop.hold(args.out)
     try:
         model, config = load_checkpoint(args.ckpt, device, ema=not args.no_ema)
     except CheckpointError as e:
@@ -200,15 +203,15 @@ def run(p, args, stop):
     if images is None:  # under torchrun rank 0 alone writes
         return
     stop.finished = f"after all {args.n} images, while writing them: no file in {args.out} is half-written"
-    os.makedirs(args.out, exist_ok=True)
-    tiles, nrow = class_grid(images, len(classes))
-    save_grid(tiles, os.path.join(args.out, "grid.png"), nrow)
-    write_atomic(os.path.join(args.out, "samples.npz"), lambda f: np.savez(f, arr_0=images, arr_1=labels))
+    grid, npz = os.path.join(args.out, "grid.png"), os.path.join(args.out, "samples.npz")
+    nrow = save_class_grid(images, grid, [names[c] for c in classes], args.grid_per_class)
+    write_atomic(npz, lambda f: np.savez(f, arr_0=images, arr_1=labels))
     if args.png_dir is not None:
         os.makedirs(args.png_dir, exist_ok=True)
         for i, img in enumerate(images):
             write_atomic(os.path.join(args.png_dir, f"{i:06d}.png"), lambda f: Image.fromarray(img).save(f, "PNG"))
-    print(f"wrote {os.path.join(args.out, 'grid.png')} and {os.path.join(args.out, 'samples.npz')}")
+    shown = f"{nrow * len(classes)} of them, {nrow} per class" if nrow * len(classes) < args.n else "all of them"
+    print(f"wrote {npz} ({args.n} images) and {grid} ({shown})")
 
 
 if __name__ == "__main__":

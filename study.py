@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from flags import number, output_dir, parser
-from runtime import warn, write_atomic
+from runtime import lock_folder, warn, write_atomic
 from sweep import plot, read_results, run_name
 
 # the network and optimisation every run shares: the 1.07M-parameter U-Net, at 16 x 16 (RESULTS.md says why)
@@ -416,6 +416,7 @@ def main(argv=None):
         p.error(f"--test {a.test}: no such folder")
     if a.report:
         return report(a) if a.round == 1 else report_second_round(a)
+    lock = None if a.list else lock_folder(a.out)  # held while open: until the study ends
     plan = stages if a.round == 1 else second_round
     while True:
         done, W = finished(a.out), standard_best_w(a.out)

@@ -21,7 +21,7 @@ import fid
 from distributed import init_distributed, rank_and_world
 from flags import AMP, existing_file, interval, number, numbers, output_dir, parser
 from inception import FIDError, load_inception
-from runtime import CleanStop, class_grid, fast_path, pick_device, progress, save_grid, speed_line, write_atomic
+from runtime import CleanStop, fast_path, pick_device, progress, save_class_grid, speed_line, write_atomic
 from sample import CheckpointError, balanced_labels, effective_to_sampling_w, effective_w, load_checkpoint, sample_checkpoint
 
 METRICS = ["kid", "kid_std", "precision", "recall", "density", "coverage"]  # empty unless --kid, --prdc asked for them
@@ -145,7 +145,7 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
     cell is in results.csv."""
     ws = ws or [0.0] if w_effs is None else ws
     method = sampler_text(sampler, v, guidance_interval)
-    fid.check_input(ref)  # every input is checked before any work, and before out/ is made
+    fid.check_input(ref)  # every input is checked before any work
     if kid and n < kid_subset_size:
         raise FIDError(f"--kid-subset-size {kid_subset_size} is more than the --n {n} images of a cell: lower it to at "
                        f"most {n}")
@@ -187,8 +187,7 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
     cost = lambda cell: cell[1] * (1 if cell[2] == 0 else 2)  # network evaluations per image
     total, spent, start = sum(map(cost, todo)), 0, time.time()
     for i, (path, steps, w) in enumerate(todo):
-        model, config = models[path]
-        t0 = time.time()
+        (model, config), t0 = models[path], time.time()
         images = sample_checkpoint(model, config, balanced_labels(n, config["unet"]["num_classes"]), w=w, steps=steps,
                                    eta=eta, clip_x0=clip_x0, seed=seed, batch_size=batch_size, device=device, amp=amp,
                                    sampler=sampler, v=v, guidance_interval=guidance_interval,
@@ -209,8 +208,8 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
                "steps": steps, "eta": repr(float(eta)), "n": n, "ref": ref, "fid": repr(score), "seconds": repr(seconds),
                **method, **{m: repr(scores[m]) if m in scores else "" for m in METRICS}}
         rows = [r for r in rows if cell_key(r) != cell_key(row)] + [row]  # a cell recomputed for its metrics: one row
-        tiles, nrow = class_grid(images, rows=min(n, config["unet"]["num_classes"]), max_cols=8)
-        save_grid(tiles, os.path.join(out, "grids", f"{run_name(path)}_steps{steps}_w{w:g}{suffix}.png"), nrow)
+        save_class_grid(images, os.path.join(out, "grids", f"{run_name(path)}_steps{steps}_w{w:g}{suffix}.png"),
+                        config["class_names"][:n], max_cols=8)  # fewer images than classes: fewer rows
         write_results(csv_path, rows)  # after the grid: a cell in results.csv, which a rerun skips, has its grid
         if on_cell is not None:
             on_cell(i + 1, len(todo))
@@ -248,8 +247,7 @@ def main(argv=None):
     p.add_argument("--amp", **AMP)
     p.add_argument("--no-clip", action="store_true", help="do not clamp the predicted clean image to [-1, 1]")
     p.add_argument("--fid-batch-size", type=number(int, lo=1), default=50, help="images per Inception forward pass")
-    p.add_argument("--device", type=pick_device, default="auto",
-                   help="auto (cuda when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--device", type=pick_device, default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
     p.add_argument("--weights", type=existing_file, help="FID Inception weights (see fid.py --help)")
     p.add_argument("--data-dir", type=output_dir, default="data", help="where CIFAR-10 and its cached statistics live")
     p.add_argument("--kid", action="store_true", help="also KID on every row (the reference needs features: fid.py)")
@@ -258,14 +256,16 @@ def main(argv=None):
                    "subset (>= 2, at most --n and the reference's count)")
     p.add_argument("--prdc", action="store_true", help="also precision, recall (k = 3), density and coverage (k = 5)")
     args = p.parse_args(argv)
-    device = init_distributed(args.device)  # a plain run: args.device
+    device, rank = init_distributed(args.device), rank_and_world()[0]  # a plain run: (args.device, 0)
     csv_path = os.path.join(args.out, "results.csv")
-    stop = CleanStop(f"before a cell was finished: {csv_path} is as it was", quiet=rank_and_world()[0] > 0)
+    stop = CleanStop(f"before a cell was finished: {csv_path} is as it was", quiet=rank > 0)
 
     def on_cell(done, total):  # a stopped sweep keeps its finished cells, and a rerun skips them
         stop.finished = f"after {done} of {total} cells, kept in {csv_path}: run the same command for the rest"
     try:
         with stop:  # a signal or a failed write ends it with one line
+            if rank == 0:  # the one writer under torchrun; it locks before results.csv is read, to be rewritten
+                stop.hold(args.out)
             run_sweep(args.ckpt, args.steps, args.n, ws=args.w if args.w_eff is None else None, w_effs=args.w_eff,
                       ref=args.ref, out=args.out, eta=args.eta, seed=args.seed, clip_x0=not args.no_clip,
                       batch_size=args.batch_size, device=device, amp=args.amp, fid_batch_size=args.fid_batch_size,

@@ -45,6 +45,20 @@ from diffusion import Schedule, add_noise, ancestral_sample, ddim_sample
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
 
+
+@pytest.fixture(autouse=True)
+def _signals_as_in_a_terminal():
+    """Every test starts with Python's own SIGINT and SIGTERM handling, whatever this process inherited or an earlier
+    test left: a shell starts a script's background job (nohup ... &, cron, some CI runners) with SIGINT ignored, and
+    CleanStop rightly leaves an ignored signal ignored, so a test that sends itself one would see it do nothing. The
+    commands that tests start as child processes get the defaults too: exec resets a handled signal, not an ignored one."""
+    signals = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    old = {s: signal.signal(s, handler) for s, handler in signals.items()}
+    yield
+    for s, handler in old.items():
+        signal.signal(s, handler if handler is not None else signals[s])  # None: a handler not set from Python
+
+
 # ---- runtime.py: the precision and layout rule, progress lines ----
 
 
@@ -103,6 +117,26 @@ def test_progress_lines_are_throttled_and_end_with_the_total(capsys):
     assert lines[1].endswith("images/s, eta 0.0 min")
     runtime.progress(every=0, prefix="[cell 1/2] ", file=sys.stderr)(1, 4)
     assert re.fullmatch(r"\[cell 1/2\] 1/4 images, [\d.]+ images/s, eta [\d.]+ min\n", capsys.readouterr().err)
+
+
+def test_class_grid_of_1000_images_shows_10_a_class_and_names_each_row(tmp_path):
+    """sample.py --n 1000 on CIFAR-10: 10 columns, not 100 (a 3,200-pixel strip), and each row's class name at its left."""
+    images = np.random.default_rng(0).integers(0, 256, (1000, 32, 32, 3), np.uint8)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert runtime.save_class_grid(images, tmp_path / "grid.png", names, max_cols=10) == 10
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    margin = grid.shape[1] - 10 * 32
+    assert grid.shape[0] == 10 * 32 and 30 < margin < 100  # about 380 pixels wide
+    rows = [grid[32 * r:32 * (r + 1)] for r in range(10)]
+    for r, row in enumerate(rows):  # balanced_labels order: image i is of class i % 10
+        assert all(np.array_equal(row[:, margin + 32 * c:margin + 32 * (c + 1)], images[10 * c + r]) for c in range(10))
+    labels = [row[:, :margin] for row in rows]
+    assert all(label.max() > 200 for label in labels) and len({label.tobytes() for label in labels}) == 10
+    ink = [np.nonzero(label.max(axis=(0, 2)) > 100)[0].max() for label in labels]  # the rightmost column of each name
+    assert ink[3] < ink[0] < ink[1]  # "cat" is shorter than "airplane", which is shorter than "automobile"
+    assert runtime.save_class_grid(images[:25], tmp_path / "few.png", names, max_cols=10) == 3
+    runtime.save_grid(images[:4], tmp_path / "plain.png", 2)  # no names: no margin
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "plain.png"))[32:, 32:], images[3])
 
 
 # ---- diffusion.py: schedules ----
@@ -673,6 +707,7 @@ FLAG_TABLE = [
     ("sample", ["--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
     ("sample", ["--out", "{file}"], "argument --out: {file} is a file, expected a directory"),
     ("sample", ["--out", "{file}/x"], "argument --out: {file}/x: {file} is a file, so the directory cannot be created"),
+    ("sample", ["--grid-per-class", "0"], "argument --grid-per-class: expected an integer >= 1, got '0'"),
     ("sample", ["--png-dir", "{file}"], "argument --png-dir: {file} is a file, expected a directory"),
     ("sample", ["--device", "gpu0"], "argument --device: unknown device 'gpu0'"),
     ("sample", ["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
@@ -1411,18 +1446,33 @@ def test_sample_auto_precision_follows_the_cpu(sample_ckpt, tmp_path, monkeypatc
 
 def test_sample_writes_adm_npz_class_grid_and_pngs(sample_ckpt, tmp_path, capsys):
     images, labels = _sample_run(sample_ckpt, tmp_path, "--n", "25", "--w", "2", "--png-dir", str(tmp_path / "png"))
-    assert "images/s" in capsys.readouterr().out
     assert images.dtype == np.uint8 and images.shape == (25, 16, 16, 3)
     assert labels.dtype.kind == "i" and labels.tolist() == list(range(10)) * 2 + [0, 1, 2, 3, 4]
     assert images.min() < 64 and images.max() > 192 and len(np.unique(images.reshape(25, -1), axis=0)) == 25
+    out = capsys.readouterr().out
+    assert "images/s" in out and out.splitlines()[-1] == (f"wrote {tmp_path / 'samples.npz'} (25 images) and "
+                                                           f"{tmp_path / 'grid.png'} (all of them)")
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
-    assert grid.shape == (10 * 16, 3 * 16, 3)  # one row per class, ceil(25 / 10) = 3 columns
-    tile = lambda r, c: grid[16 * r:16 * (r + 1), 16 * c:16 * (c + 1)]
+    margin = grid.shape[1] - 3 * 16  # the class names
+    assert grid.shape[0] == 10 * 16 and margin > 0  # one row per class, ceil(25 / 10) = 3 columns
+    tile = lambda r, c: grid[16 * r:16 * (r + 1), margin + 16 * c:margin + 16 * (c + 1)]
     assert np.array_equal(tile(3, 1), images[13]) and np.array_equal(tile(4, 2), images[24])
     assert not tile(5, 2).any()  # class 5 has only two images: its third tile is blank
     pngs = sorted((tmp_path / "png").iterdir())
     assert len(pngs) == 25 and np.array_equal(np.asarray(Image.open(pngs[7])), images[7])
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_sample_grid_shows_grid_per_class_images_of_each_class_and_says_how_many(sample_ckpt, tmp_path, capsys):
+    images, _ = _sample_run(sample_ckpt, tmp_path, "--n", "12", "--classes", "cat,dog", "--grid-per-class", "4",
+                            "--steps", "1")
+    assert len(images) == 12  # all of them in samples.npz
+    assert capsys.readouterr().out.splitlines()[-1] == (f"wrote {tmp_path / 'samples.npz'} (12 images) and "
+                                                        f"{tmp_path / 'grid.png'} (8 of them, 4 per class)")
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    margin = grid.shape[1] - 4 * 16
+    assert grid.shape[0] == 2 * 16 and margin > 0
+    assert np.array_equal(grid[:16, margin + 48:], images[6]) and np.array_equal(grid[16:, margin + 48:], images[7])
 
 
 def test_sample_same_seed_same_images_for_any_batch_size(sample_ckpt, tmp_path):
@@ -1438,7 +1488,8 @@ def test_sample_same_seed_same_images_for_any_batch_size(sample_ckpt, tmp_path):
 def test_sample_requested_classes_in_requested_proportions(sample_ckpt, tmp_path):
     images, labels = _sample_run(sample_ckpt, tmp_path / "mix", "--n", "9", "--classes", "3,dog,3")
     assert labels.tolist() == [3, 5, 3] * 3  # names resolve through the checkpoint; listed twice, twice the share
-    assert np.asarray(Image.open(tmp_path / "mix" / "grid.png")).shape == (3 * 16, 3 * 16, 3)
+    grid = np.asarray(Image.open(tmp_path / "mix" / "grid.png"))  # rows cat, dog, cat: images 0, 3, 6 in the first
+    assert grid.shape[0] == 3 * 16 and np.array_equal(grid[:16, -16:], images[6])
     cats, _ = _sample_run(sample_ckpt, tmp_path / "cats", "--n", "9", "--classes", "cat")
     diff = np.abs(images.astype(int) - cats).reshape(9, -1).max(axis=1)
     assert (diff[[0, 2, 3, 5, 6, 8]] <= 1).all() and (diff[[1, 4, 7]] > 20).all()  # each image gets its own label
@@ -1552,6 +1603,20 @@ def test_clean_stop_turns_a_signal_into_one_line_and_128_plus_its_number(capsys)
     assert exc.value.code == "error: cannot write x.npz: No space left on device"
 
 
+def test_the_signal_tests_pass_in_a_background_job_that_ignores_sigint_and_sigterm():
+    """Run as `setsid nohup python3 -m pytest ... &` from a script: no terminal, and SIGINT (here SIGTERM too) ignored
+    from the start. The tests that send themselves a signal pass there as well (_signals_as_in_a_terminal)."""
+    background = ("import signal, sys, pytest\n"
+                  "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                  "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                  "sys.exit(pytest.main(sys.argv[1:]))\n")
+    tests = "clean_stop_turns_a_signal or sigint_in_step_3 or sample_sigterm_while_drawing"
+    run = subprocess.run([sys.executable, "-c", background, "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                         cwd=Path(__file__).parent, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+                         start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0 and "3 passed" in run.stdout, run.stdout[-3000:]
+
+
 def test_sample_sigterm_while_drawing_writes_nothing_and_says_how_far_it_got(sample_ckpt, tmp_path, monkeypatch, capsys):
     real = sample.sample_images
 
@@ -1571,7 +1636,7 @@ def test_sample_sigterm_while_drawing_writes_nothing_and_says_how_far_it_got(sam
 
 def test_sample_disk_full_names_the_file_and_keeps_the_previous_files(sample_ckpt, tmp_path):
     _sample_run(sample_ckpt, tmp_path, "--n", "25", "--seed", "1")
-    before = {name: (tmp_path / name).read_bytes() for name in ("grid.png", "samples.npz")}
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}  # .lock too: the folder's lock
     with pytest.raises(SystemExit) as exc, _file_size_limit(len(before["grid.png"]) // 2):
         _sample_run(sample_ckpt, tmp_path, "--n", "25")  # other images, written to the same files
     assert exc.value.code == f"error: cannot write {tmp_path / 'grid.png'}: File too large"
@@ -1929,7 +1994,7 @@ def test_train_sigterm_saves_the_step_it_stops_at_and_the_resumed_run_equals_an_
     assert output.strip().splitlines()[-1] == (f"stopped by SIGTERM at step {step}: checkpoint saved, run the same command "
                                                "to resume")
     assert 1 <= step < 1000 and json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == step
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "log.jsonl"]
     resumed = _train_tiny_run(tmp_path, out, "--iters", str(step + 2), *args)
     _train_same_state(resumed, _train_tiny_run(tmp_path, tmp_path / "whole", "--iters", str(step + 2), *args))
 
@@ -2072,7 +2137,9 @@ def test_train_tiny_run_through_the_command_line(tmp_path):
     assert config["unet"] == dict(num_classes=3, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_res=[], dropout=0.1, img_size=8)
     UNet(**config["unet"]).load_state_dict(ckpt["ema"])  # strict: the names and shapes of the network
     grid = np.asarray(Image.open(out / "samples_0000030.png"))
-    assert grid.shape == (3 * 8, 2 * 8 * 8, 3) and (out / "samples_0000015.png").exists()
+    margin = grid.shape[1] - 2 * 8 * 8  # a row per class, its name at the left, 8 images at w = 0, 8 at w = 2
+    assert grid.shape[0] == 3 * 8 and margin > 0 and (out / "samples_0000015.png").exists()
+    assert all(grid[8 * r:8 * (r + 1), :margin].max() > 200 for r in range(3))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 31)) and all(r["img_per_s"] > 0 for r in log)
     first, last = np.mean([r["loss"] for r in log[:5]]), np.mean([r["loss"] for r in log[-5:]])
@@ -2192,7 +2259,7 @@ def test_sweep_writes_results_and_resumes_only_missing_cells(tmp_path):
     grids = sorted(p.name for p in (out / "grids").iterdir())
     assert grids == ["aligned-w2_steps2_w0.png", "aligned-w2_steps2_w2.png", "standard_steps2_w0.png", "standard_steps2_w2.png"]
     first = np.asarray(Image.open(out / "grids" / "standard_steps2_w0.png"))
-    assert first.shape == (4 * 16, 16, 3)  # 4 images over 10 classes: 4 rows of one
+    assert first.shape[0] == 4 * 16 and first.shape[1] > 16  # 4 images over 10 classes: 4 named rows of one
 
     # drop the standard w = 0 cell: a second run recomputes it alone, with the same noise, so the same FID
     (out / "results.csv").write_text("\n".join([header] + lines[1:]) + "\n")
@@ -2637,6 +2704,59 @@ def test_study_report_picks_each_best_w_reads_the_floors_and_skips_done_stages(t
     assert (out / "logs" / "ok.log").read_text() == "hi\n"
 
 
+# ---- one command at a time on a folder ----
+
+# what each command calls once it holds its folder: the first run of a test pauses there
+_PAUSE_HOLDING = {"train": "load_data", "sample": "load_checkpoint", "sweep": "run_sweep", "study": "finished"}
+
+
+@pytest.mark.parametrize("command", list(_PAUSE_HOLDING))
+def test_a_second_command_on_a_folder_in_use_is_refused_and_kill_9_frees_it(command, sample_ckpt, tmp_path, capsys,
+                                                                            monkeypatch):
+    """Two runs on one folder corrupt each other (one renames away the other's ckpt.pt.tmp, results.csv loses rows): the
+    first holds an OS lock on the folder, a second is refused at once in one line naming the folder and the first's
+    process, exit status 2, having written nothing. The OS drops a killed process's lock, so a new run then starts."""
+    out = tmp_path / "out"
+    argv = {"train": ["--data", str(_train_class_folder(tmp_path / "imgs")), "--out", str(out), "--batch-size", "4",
+                      "--iters", "1", "--sample-every", "0", *_TRAIN_TINY],
+            "sample": ["--ckpt", sample_ckpt, "--out", str(out), "--n", "1", "--steps", "1", "--amp", "none"],
+            "sweep": ["--ckpt", sample_ckpt, "--out", str(out)],
+            "study": ["--out", str(out)]}[command]
+    pause = (f"import sys, time, {command}\n"
+             "def holding(*args, **kw):\n"
+             "    print('holding', flush=True)\n"
+             "    time.sleep(120)\n"
+             f"{command}.{_PAUSE_HOLDING[command]} = holding\n"
+             f"{command}.main(sys.argv[1:])\n")
+    first = subprocess.Popen([sys.executable, "-c", pause, *argv], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert first.stdout.readline() == "holding\n"
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        with pytest.raises(SystemExit) as exc:
+            globals()[command].main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and err[0].endswith(
+            f"error: {out} is in use by process {first.pid} (-c): wait for it to end, or use another folder")
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    finally:
+        first.kill()  # SIGKILL: no clean-up of any kind
+        first.wait()
+    if command == "train":
+        assert _train_tiny_run(tmp_path, out, "--iters", "1", "--sample-every", "0")["step"] == 1
+    elif command == "sample":
+        assert len(_sample_run(sample_ckpt, out, "--n", "1", "--steps", "1")[0]) == 1
+    elif command == "sweep":  # it gets past the lock to its work, which the sweep's own tests cover
+        monkeypatch.setattr(sweep, "run_sweep", lambda *args, out, **kw: print(f"sweeping into {out}"))
+        sweep.main(argv)
+        assert capsys.readouterr().out == f"sweeping into {out}\n"
+    else:
+        monkeypatch.setattr(study, "stages", lambda a, W: [("ok", ["-c", "pass"])])
+        study.main(argv)
+        assert "every stage is done" in capsys.readouterr().out
+    assert (out / ".lock").read_text() == f"process {os.getpid()} ({os.path.basename(sys.argv[0])})\n"
+
+
 # ---- more than one process (torchrun, gloo) ----
 
 
@@ -2659,7 +2779,9 @@ def test_torchrun_two_ranks_train_in_step_write_once_and_resume_on_any_count(tmp
     for step in (3, 4):
         assert f"step {step}: the 2 ranks hold bitwise equal weights and EMA; wrote {out / 'ckpt.pt'}" in run.stderr
     assert run.stderr.count("warning: no CUDA device") == 1 and run.stderr.count("step 3/4 |") == 1
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl", "samples_0000002.png", "samples_0000004.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "ckpt.pt", "log.jsonl", "samples_0000002.png",
+                                                     "samples_0000004.png"]
+    assert re.fullmatch(r"process \d+ \(train\.py\)\n", (out / ".lock").read_text())  # rank 0 alone locks: one holder
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt.keys() == step2.keys() | {"rng_ranks"} and len(ckpt["rng_ranks"]) == 2
     assert torch.equal(ckpt["rng"]["cpu"], ckpt["rng_ranks"][0]["cpu"])
@@ -2706,7 +2828,7 @@ def test_torchrun_sigterm_stops_both_ranks_at_one_step_and_rank_0_saves_it(tmp_p
     assert status != 0 and output.count("stopped by SIGTERM") == 1 and output.count("hold bitwise equal") == 1, output
     assert f"stopped by SIGTERM at step {step}: checkpoint saved, run the same command to resume" in output
     assert f"step {step}: the 2 ranks hold bitwise equal weights and EMA; wrote {out / 'ckpt.pt'}" in output
-    assert len(ckpt["rng_ranks"]) == 2 and sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl"]
+    assert len(ckpt["rng_ranks"]) == 2 and sorted(os.listdir(out)) == [".lock", "ckpt.pt", "log.jsonl"]
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == list(range(1, step + 1))
 
 

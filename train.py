@@ -332,16 +332,16 @@ def save_checkpoint(path, model, ema, opt, scaler, step, config, device):
         print(f"step {step}: the {world} ranks hold bitwise equal weights and EMA; wrote {path}", file=sys.stderr)
 
 
-def sample_grid(ema, schedule, args, null_class, device, amp, channels_last, path):
-    """One row per class: SAMPLES_PER_CLASS EMA images at w = 0, then the same noises at the training w (standard: 2);
-    guidance-free: first unguided (w_eff = 0, at w = -W / (1 + W)), then at w = 0, its own guidance W."""
+def sample_grid(ema, schedule, args, class_names, device, amp, channels_last, path):
+    """One row per class, named: SAMPLES_PER_CLASS EMA images at w = 0, then the same noises at the training w (standard:
+    2); guidance-free: first unguided (w_eff = 0, at w = -W / (1 + W)), then at w = 0, its own guidance W."""
     ws = {"standard": [0.0, 2.0], "aligned": [0.0, args.w], "guidance-free": [-args.w / (1 + args.w), 0.0]}[args.loss]
-    ws = list(dict.fromkeys(ws))  # one column when they coincide (aligned or guidance-free at w = 0)
+    ws, null_class = list(dict.fromkeys(ws)), len(class_names)  # one column when the ws coincide (aligned, gf at w = 0)
     ys = np.repeat(np.arange(null_class), SAMPLES_PER_CLASS)
     grids = np.stack([sample_images(ema, schedule, ys, null_class=null_class, w=w, steps=args.sample_steps, seed=args.seed,
                                     device=device, amp=amp, channels_last=channels_last) for w in ws])  # [len(ws), C * k, H, W, 3]
     grids = grids.reshape(len(ws), null_class, SAMPLES_PER_CLASS, *grids.shape[2:]).transpose(1, 0, 2, 3, 4, 5)
-    save_grid(grids.reshape(-1, *grids.shape[3:]), path, nrow=len(ws) * SAMPLES_PER_CLASS)
+    save_grid(grids.reshape(-1, *grids.shape[3:]), path, len(ws) * SAMPLES_PER_CLASS, class_names)
     return path
 
 # ---- main: setup, then the loop ----
@@ -359,6 +359,8 @@ def run(p, args, stop):
     device, (rank, world) = init_distributed(args.device), rank_and_world()  # a plain run: (args.device, (0, 1))
     amp, channels_last, why = fast_path(device, args.amp, not args.no_channels_last)
     out = args.out
+    if rank == 0:  # the one writer under torchrun; it locks before resume reads ckpt.pt, which another run may replace
+        stop.hold(out)
     with main_first():  # under torchrun rank 0 downloads CIFAR-10 before the other ranks read it
         images, labels, class_names = load_data(p, args)
     config = make_config(args, device, amp, out, class_names, images.shape[1])
@@ -379,7 +381,6 @@ def run(p, args, stop):
     start = resume(p, ckpt_path, config, model, ema, opt, scaler, device)
     if args.init_from and not os.path.exists(ckpt_path):  # once started, the run resumes from its own checkpoint
         init_from(p, args.init_from, config, model, ema)
-    os.makedirs(out, exist_ok=True)
     tune_cuda(device, amp)
     net = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None) if world > 1 else model
     net = torch.compile(net) if args.compile else net  # checkpoints take `model`: no _orig_mod. or module. prefixes
@@ -414,7 +415,7 @@ def run(p, args, stop):
         if (args.sample_every and done % args.sample_every == 0) or done == args.iters:
             figures.check(done)  # never sample, or save, weights that came from a non-finite loss
             if rank == 0:  # the EMA module alone, no collective inside: the other ranks wait in the next one
-                path = sample_grid(ema, schedule, args, null_class, device, amp, channels_last,
+                path = sample_grid(ema, schedule, args, class_names, device, amp, channels_last,
                                    os.path.join(out, f"samples_{done:07d}.png"))
                 print(f"step {done}: wrote {path}", file=sys.stderr)
         keep = args.keep_every and done % args.keep_every == 0
