@@ -678,6 +678,7 @@ FLAG_TABLE = [
     ("train", ["--log-every", "nan"], "argument --log-every: expected a finite number >= 0, got 'nan'"),
     ("train", ["--log-every", "-1"], "argument --log-every: expected a finite number >= 0, got '-1'"),
     ("train", ["--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
+    ("train", ["--init-from", "{missing}"], "argument --init-from: {missing}: no such file"),
     ("train", ["--device", "gpu0"], "argument --device: unknown device 'gpu0'"),
     # sample.py: the checkpoint, every kind of bad file
     ("sample", ["--ckpt", "{missing}"], "argument --ckpt: {missing}: no such file"),
