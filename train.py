@@ -102,9 +102,8 @@ def get_parser():
     g.add_argument("--sample-steps", type=COUNT, default=50, help="DDIM steps for the sample grids (>= 1)")
     g.add_argument("--log-every", type=number(float, lo=0), default=5.0, help="seconds between progress lines (>= 0; "
                    "0: every step)")
-    g.add_argument("--init-from", type=existing_file, metavar="CKPT", help="a new run starts from this checkpoint's "
-                   "weights and EMA, with a fresh optimizer and step count: fine-tuning, with any loss (the network must "
-                   "be the same)")
+    g.add_argument("--init-from", type=existing_file, metavar="CKPT", help="fine-tuning: a new run starts from this "
+                   "checkpoint's weights and EMA, with a fresh optimizer and step count, in any loss (the same network)")
     g.add_argument("--seed", type=NONNEG, default=0, help="seed of the initialisation, the data order and the noise (>= 0)")
     g.add_argument("--device", type=pick_device, default="auto",
                    help="auto (cuda when there is one), cpu, cuda, cuda:N")
@@ -173,11 +172,22 @@ def read_checkpoint(p, path):
         p.error(f"cannot read checkpoint {path}: {one_line(e)}")
 
 
-def resume(p, path, config, model, ema, opt, scaler, device):
-    """Restore the run folder's checkpoint (weights, optimizer, loss scaler, this rank's RNG) and return its step, 0 if
-    there is none; the optimizer keeps this run's settings (fused on CUDA) and its state takes each parameter's device,
-    dtype and memory format. A checkpoint trained with other settings (MUST_MATCH) is refused, naming each difference."""
+def resume(p, path, config, model, ema, opt, scaler, device, init_from=None):
+    """Restore the run folder's checkpoint (weights, optimizer, loss scaler, this rank's RNG) and return its step; the
+    optimizer keeps this run's settings (fused on CUDA) and its state takes each parameter's device, dtype and memory
+    format. A checkpoint trained with other settings (MUST_MATCH) is refused, naming each difference. With none, step 0,
+    from init_from's weights and EMA if given (fine-tuning: optimizer, RNG and loss are this run's), refused in one line
+    if its network or classes differ (dropout may)."""
     if not os.path.exists(path):
+        if init_from:
+            ckpt, old = read_checkpoint(p, init_from)
+            ours = {**config["unet"], "classes": config["class_names"]}
+            theirs = {**old.get("unet", {}), "classes": old.get("class_names")}
+            if differ := [f"{k} (checkpoint {theirs.get(k)!r}, flags {v!r})" for k, v in ours.items()
+                          if k != "dropout" and theirs.get(k) != v]:
+                p.error(f"--init-from {init_from}: another network: {'; '.join(differ)}")
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
         return 0
     ckpt, old = read_checkpoint(p, path)
     differ = [f"{k} (checkpoint {old.get(k)!r}, flags {config[k]!r})" for k in MUST_MATCH if old.get(k) != config[k]]
@@ -201,18 +211,6 @@ def resume(p, path, config, model, ema, opt, scaler, device):
         return int(ckpt["step"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         p.error(f"cannot restore {path}: {one_line(e)}")
-
-
-def init_from(p, path, config, model, ema):
-    """--init-from: another run's weights and EMA, nothing else (the optimizer, step, RNG and loss are this run's).
-    Refused when the network or the classes differ; its dropout is a training setting and may."""
-    ckpt, old = read_checkpoint(p, path)
-    theirs, ours = {**old.get("unet", {}), "classes": old.get("class_names")}, {**config["unet"], "classes": config["class_names"]}
-    differ = [f"{k} (checkpoint {theirs.get(k)!r}, flags {ours[k]!r})" for k in ours if k != "dropout" and theirs.get(k) != ours[k]]
-    if differ:
-        p.error(f"--init-from {path}: another network: {'; '.join(differ)}")
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
 
 
 def batches(images, labels, batch_size, seed, device, channels_last):
@@ -378,9 +376,7 @@ def run(p, args, stop):
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     if world > 1:  # every rank has the same initial weights; then each draws its own noise, labels dropped and flips
         torch.manual_seed(int(np.random.SeedSequence([args.seed, rank]).generate_state(1)[0]))
-    start = resume(p, ckpt_path, config, model, ema, opt, scaler, device)
-    if args.init_from and not os.path.exists(ckpt_path):  # once started, the run resumes from its own checkpoint
-        init_from(p, args.init_from, config, model, ema)
+    start = resume(p, ckpt_path, config, model, ema, opt, scaler, device, args.init_from)  # once started: its own
     tune_cuda(device, amp)
     net = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None) if world > 1 else model
     net = torch.compile(net) if args.compile else net  # checkpoints take `model`: no _orig_mod. or module. prefixes
