@@ -2601,7 +2601,7 @@ def _study_check_plan(plan):
 
 
 def test_study_stages_are_valid_command_lines_that_use_only_what_earlier_stages_made(tmp_path):
-    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000)
+    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000, preset="cpu")
     names = _study_check_plan(study.stages(a, "2"))
     assert names[:3] == ["ref", "realvsreal", "train_standard"]
     assert all(cmd[cmd.index("--seed") + 1] == "0" for _, cmd in study.stages(a, "2") if cmd[0] == "train.py")
@@ -2612,7 +2612,7 @@ def test_study_stages_are_valid_command_lines_that_use_only_what_earlier_stages_
 
 
 def test_study_second_round_builds_on_the_first_rounds_stages_and_varies_one_thing_a_run(capsys):
-    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000)
+    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000, preset="cpu")
     plan, first = dict(study.second_round(a)), dict(study.stages(a, "W"))
     names = _study_check_plan(study.second_round(a))
     assert names[:4] == ["ref", "train_standard", "train_aligned", "r2_seed0"]  # seeds first: the verdict's floor
@@ -2671,7 +2671,7 @@ def test_study_report_picks_each_best_w_reads_the_floors_and_skips_done_stages(t
                        ("steps10", [_study_row(std, 1, 77, steps=10)])]:
         (out / name).mkdir(parents=True)
         sweep.write_results(out / name / "results.csv", rows)
-    assert study.standard_best_w(str(out)) == "1"  # the lowest FID at w_eff > 0
+    assert study.standard_best_w(argparse.Namespace(out=str(out), preset="cpu")) == "1"  # the lowest FID at w_eff > 0
     (out / "logs").mkdir()
     (out / "logs" / "realvsreal.log").write_text("x: 1000 images\nKID: 0.000100 ± 0.000050\nprecision: 0.7000\nFID: 30.0000\n")
     (out / "stages.tsv").write_text("ref\t60\t2026-12-02T00:00:00Z\ntrain_standard (stopped)\t30\t2026-12-02T00:01:00Z\n"
