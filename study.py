@@ -1,7 +1,7 @@
 """The study of RESULTS.md: the three losses trained on CIFAR-10 and compared, in resumable stages, at a preset's scale.
 
     python study.py --data DIR/train --test DIR/test   # RESULTS.md's CPU study, every stage in order (4 h on 2 cores)
-    python study.py --preset gpu                       # the paper's scale, 32 x 32 and 50,000 samples a cell (README)
+    python study.py --preset gpu --nproc 8             # the paper's scale, 32 x 32 and 50,000 samples a cell (README)
     python study.py --list                             # the stages' command lines, to read or copy, without running
     python study.py --report                           # the tables and figures, from the finished stages
 
@@ -69,12 +69,17 @@ def flag_words(flags):
     return [x for k, v in flags.items() for x in (k, v)[:1 + (v is not True)]]
 
 
+def launcher(a):
+    """What runs a train.py or sweep.py stage on --nproc processes: torchrun (nothing for one)."""
+    return ["torchrun", "--standalone", "--nproc_per_node", str(a.nproc), "--"] if a.nproc > 1 else []
+
+
 def train(a, out, loss, iters=None, **flags):
     """A train.py command line with the preset's flags, N steps unless iters; flags as w="2", detach_uncond=True."""
     keep = str(a.iters // 4)
     flags = {**PRESETS[a.preset]["train"], "--save-every": keep, "--keep-every": keep,
              **{f"--{k.replace('_', '-')}": v for k, v in flags.items()}}
-    return ["train.py", "--data", a.data, "--loss", loss, *flag_words(flags),
+    return [*launcher(a), "train.py", "--data", a.data, "--loss", loss, *flag_words(flags),
             "--iters", str(iters or a.iters), "--out", f"{a.out}/{out}"]
 
 
@@ -82,7 +87,7 @@ def sweep(a, out, runs, *extra):
     """A sweep.py command line over runs, each a run folder's ckpt.pt or, as <run>@<step>, its kept ckpt-<step>.pt."""
     ckpts = [f"{a.out}/{r}/ckpt.pt" if not step else f"{a.out}/{r}/ckpt-{int(step):07d}.pt"
              for r, _, step in (r.partition("@") for r in runs)]
-    return ["sweep.py", "--ckpt", *ckpts, "--n", str(a.n), "--ref", reference(a), "--kid", "--prdc",
+    return [*launcher(a), "sweep.py", "--ckpt", *ckpts, "--n", str(a.n), "--ref", reference(a), "--kid", "--prdc",
             "--kid-subset-size", str(min(a.n // 2, 1000)), "--amp", PRESETS[a.preset]["train"]["--amp"],
             "--out", f"{a.out}/{out}", *(extra or ["--w-eff", "0,1", "--steps", "10"])]
 
@@ -186,8 +191,8 @@ def plan_of(a, W):
 
 
 def command_line(cmd):
-    """What a reader types for a stage: python and the script's arguments, or the copy."""
-    return shlex.join(cmd if cmd[0] == "cp" else ["python", *cmd])
+    """What a reader types for a stage: python and the script's arguments, or the torchrun or copy command."""
+    return shlex.join(cmd if cmd[0] in ("cp", "torchrun") else ["python", *cmd])
 
 
 def finished(out):
@@ -213,7 +218,9 @@ def run_stage(out, name, cmd):
         shutil.copyfile(cmd[1], cmd[2] + ".tmp")
         os.replace(cmd[2] + ".tmp", cmd[2])
     else:
-        child = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        launch = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]] if cmd[0] == "torchrun" else \
+            [sys.executable, *cmd]
+        child = subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  start_new_session=True)  # a terminal's Ctrl-C reaches the study, which passes it on
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda s, _: child.send_signal(s))
@@ -468,6 +475,8 @@ def main(argv=None):
                    "4: checkpoints are kept at N/4, N/2, 3N/4 and N; default: the preset's, 1600 for cpu)")
     p.add_argument("--n", type=number(int, lo=4, multiple=2), help="images per sweep cell (even: KID's subsets are "
                    "n/2; default: the preset's, 1000 for cpu)")
+    p.add_argument("--nproc", type=number(int, lo=1), default=1, help="processes of each train.py and sweep.py stage, "
+                   "under torchrun --standalone (one a GPU), with one process's global batch and sampled images")
     p.add_argument("--round", type=int, choices=[1, 2], default=1, help="1: the first round; 2: the second (training "
                    "seeds, --detach-uncond, fine-tuning, w_t, 4N steps), with the first round's stages it builds on")
     p.add_argument("--list", action="store_true", help="print every stage's command line, and whether it finished")

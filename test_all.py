@@ -2601,7 +2601,7 @@ def _study_check_plan(plan):
 
 
 def test_study_stages_are_valid_command_lines_that_use_only_what_earlier_stages_made(tmp_path):
-    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000, preset="cpu")
+    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000, preset="cpu", nproc=1)
     names = _study_check_plan(study.stages(a, "2"))
     assert names[:3] == ["ref", "realvsreal", "train_standard"]
     assert all(cmd[cmd.index("--seed") + 1] == "0" for _, cmd in study.stages(a, "2") if cmd[0] == "train.py")
@@ -2612,7 +2612,7 @@ def test_study_stages_are_valid_command_lines_that_use_only_what_earlier_stages_
 
 
 def test_study_second_round_builds_on_the_first_rounds_stages_and_varies_one_thing_a_run(capsys):
-    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000, preset="cpu")
+    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000, preset="cpu", nproc=1)
     plan, first = dict(study.second_round(a)), dict(study.stages(a, "W"))
     names = _study_check_plan(study.second_round(a))
     assert names[:4] == ["ref", "train_standard", "train_aligned", "r2_seed0"]  # seeds first: the verdict's floor
