@@ -2,15 +2,17 @@
 
     python study.py --data DIR/train --test DIR/test   # RESULTS.md's CPU study, every stage in order (4 h on 2 cores)
     python study.py --preset gpu --nproc 8             # the paper's scale, 32 x 32 and 50,000 samples a cell (README)
-    python study.py --list                             # the stages' command lines, to read or copy, without running
+    python study.py --list                             # the stages' command lines and predicted times, without running
     python study.py --report                           # the tables and figures, from the finished stages
 
 Each stage is one command line of train.py, sweep.py or fid.py, run as a child process; a stage that finished is
 recorded in <out>/stages.tsv with its wall time and never run again, and one that was stopped resumes where it was
-(train.py from its checkpoint, sweep.py from its finished cells), so the study can be run in several sittings.
+(train.py from its checkpoint, sweep.py from its finished cells), so the study can be run in several sittings. Before
+its first stage it prints the plan: each stage's predicted time on this device, from a few seconds' measurement.
 """
 import csv
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -19,11 +21,15 @@ import sys
 import time
 
 import numpy as np
+import torch
 from PIL import Image
 
+from bench import time_fid, time_sampling, time_training
 from flags import number, output_dir, parser
-from runtime import lock_folder, warn, write_atomic
+from model import UNet
+from runtime import fast_path, lock_folder, pick_device, tune_cuda, warn, write_atomic
 from sweep import plot, read_results, run_name
+from train import get_parser as train_parser
 
 # A preset: train.py's flags that every run shares, the training steps N, the images of each sweep cell and of the
 # reference, the DDIM steps and w_eff grid of the final sweeps, the extra training seeds, and the stages that run
@@ -54,6 +60,7 @@ PRESETS = {
 MODELS = ["standard", "aligned-w2", "guidance-free", "standard-2x"]
 # the second round's best aligned variant from scratch, continued to 4N, and its train.py flags
 LONG_ALIGNED, LONG_FLAGS = "aligned-w2", {"w": "2"}
+DAY = 24 * 3600  # a plan longer than this on this device starts only with --yes
 
 
 def standard_best_w(a):
@@ -193,6 +200,93 @@ def plan_of(a, W):
 def command_line(cmd):
     """What a reader types for a stage: python and the script's arguments, or the torchrun or copy command."""
     return shlex.join(cmd if cmd[0] in ("cp", "torchrun") else ["python", *cmd])
+
+
+# ---- the plan: each stage's time on this device, predicted before the first ----
+
+
+def measure_speed(a):
+    """(this device in words, {what: seconds}): the seconds of a training image of each loss ("standard", "aligned",
+    "guidance-free"), of one network evaluation of an image in sampling ("sample") and of one image's Inception
+    features ("inception"), timed by bench.py with random weights and data (speed does not depend on them) in the
+    preset's network, precision and layout, in a few seconds. A GPU is timed at the preset's batch, since it is busy
+    only with a large one. On a CPU an image costs about the same in any batch large enough to hide the fixed cost of a
+    call, so there the batch doubles from 1 only until a batch takes 50 ms: a large network is timed on one image."""
+    flags = train_parser().parse_args(flag_words(PRESETS[a.preset]["train"]))
+    device = pick_device("auto")
+    amp, channels_last, _ = fast_path(device, flags.amp, not flags.no_channels_last)
+    tune_cuda(device, amp)
+    model = UNet(ch=flags.ch, ch_mult=flags.ch_mult, num_res_blocks=flags.num_res_blocks, attn_res=flags.attn_res,
+                 dropout=flags.dropout, img_size=flags.img_size).to(device)
+
+    def seconds_per_image(rates):  # rates(batch): {what: images (or evaluations) per second}
+        batch = flags.batch_size if device.type == "cuda" else 1
+        while True:
+            seconds = {what: 1 / rate for what, rate in rates(batch).items()}
+            if batch == flags.batch_size or batch * max(seconds.values()) > 0.05:
+                return seconds
+            batch = min(2 * batch, flags.batch_size)
+    speed = {**seconds_per_image(lambda b: time_training(model, b, amp, channels_last, device, repeats=1)),
+             **seconds_per_image(lambda b: {"sample": time_sampling(model, b, 2, 2.0, amp, channels_last, device, 1)}),
+             **seconds_per_image(lambda b: {"inception": time_fid(b, None, device, repeats=1)})}
+    threads = torch.get_num_threads()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{threads} thread{'s' * (threads > 1)}"
+    return f"{device.type}, {name}, amp {amp}", speed
+
+
+def predicted_seconds(plan, speed, nproc):
+    """{stage: seconds} on this device, each stage's images times the seconds of an image of its kind (measure_speed):
+    train.py, its steps from where it starts (a copied checkpoint's step) to --iters times the batch, at its loss's
+    speed (the guidance-free loss at the standard one's up to --gf-start); sweep.py, in each cell n images of steps x
+    2 network evaluations (CFG; a cell sampled at w = 0 takes half) and n Inception passes; fid.py, --n Inception
+    passes for each image input (a statistics file costs nothing); a copy, nothing. Under --nproc K train.py and
+    sweep.py take 1/K of it, as if on K such devices in perfect step. Left out: start-up, data loading, saving, KID and
+    the k-NN metrics, train.py's sample grids and what a stopped stage has done already."""
+    seconds, steps_of = {}, {}  # steps_of: the step a run folder's ckpt.pt holds once the stages so far have run
+    for name, cmd in plan:
+        words = cmd[cmd.index("--") + 1:] if cmd[0] == "torchrun" else cmd
+        flag = lambda f: words[words.index(f) + 1]
+        seconds[name] = 0
+        if words[0] == "cp":
+            step = re.search(r"ckpt-(\d+)\.pt$", words[1])
+            steps_of[os.path.dirname(words[2])] = int(step[1]) if step else steps_of.get(os.path.dirname(words[1]), 0)
+        elif words[0] == "train.py":
+            out, loss, iters = flag("--out"), flag("--loss"), int(flag("--iters"))
+            start = steps_of.get(out, 0)
+            switch = min(max(start, int(flag("--gf-start"))), iters) if loss == "guidance-free" else start
+            seconds[name] = int(flag("--batch-size")) * ((switch - start) * speed["standard"] +
+                                                         (iters - switch) * speed[loss]) / nproc
+            steps_of[out] = iters
+        elif words[0] == "sweep.py":
+            scales = flag("--w") if "--w" in words else flag("--w-eff")
+            runs = words.index("--n") - words.index("--ckpt") - 1  # sweep() puts --n right after --ckpt's files
+            cells = runs * len(scales.split(","))
+            seconds[name] = cells * int(flag("--n")) * sum(2 * int(s) * speed["sample"] + speed["inception"]
+                                                          for s in flag("--steps").split(",")) / nproc
+        elif words[0] == "fid.py":
+            inputs = words[1:next(i for i, w in enumerate(words) if w.startswith("--"))]
+            seconds[name] = int(flag("--n")) * sum(not x.endswith(".npz") for x in inputs) * speed["inception"]
+    return seconds
+
+
+def duration(seconds):
+    """'40 s', '12 min', '5.3 h', '190.4 days'."""
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    if seconds < 100 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 2 * DAY else f"{seconds / DAY:.1f} days"
+
+
+def plan_lines(where, speed, seconds, nproc):
+    """The plan: the measured speed, then each stage still to run with its predicted time, then the total."""
+    ms = lambda what: f"{1e3 * speed[what]:.3g} ms"
+    scale = f"; train.py and sweep.py on {nproc} of them" if nproc > 1 else ""
+    return [f"plan on this device ({where}{scale}): a training image {ms('standard')} standard, {ms('aligned')} "
+            f"aligned, {ms('guidance-free')} guidance-free; a network evaluation in sampling {ms('sample')}; an "
+            f"Inception image {ms('inception')}",
+            *[f"  {name:<28}{duration(s):>12}" for name, s in seconds.items()],
+            f"  {f'all {len(seconds)} stages':<28}{duration(sum(seconds.values())):>12}"]
 
 
 def finished(out):
@@ -460,6 +554,23 @@ def plot_curves(rows, step, path):
     plt.close(fig)
 
 
+def announce(a):
+    """Print the plan of the stages still to run, under --list after every stage's command line; its total seconds."""
+    done, W = finished(a.out), standard_best_w(a)
+    plan = plan_of(a, W or "W")
+    todo = [name for name, _ in plan if name not in done]
+    if a.list:
+        for name, cmd in plan:
+            print(f"{'done' if name in done else 'todo'} {name}: {command_line(cmd)}")
+    if not todo:
+        return 0
+    where, speed = measure_speed(a)
+    seconds = predicted_seconds(plan, speed, a.nproc)
+    seconds = {name: seconds[name] for name in todo}
+    print("\n".join(plan_lines(where, speed, seconds, a.nproc)), flush=True)
+    return sum(seconds.values())
+
+
 def main(argv=None):
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="cpu: RESULTS.md's study, 16 x 16 on a CPU; "
@@ -479,7 +590,9 @@ def main(argv=None):
                    "under torchrun --standalone (one a GPU), with one process's global batch and sampled images")
     p.add_argument("--round", type=int, choices=[1, 2], default=1, help="1: the first round; 2: the second (training "
                    "seeds, --detach-uncond, fine-tuning, w_t, 4N steps), with the first round's stages it builds on")
-    p.add_argument("--list", action="store_true", help="print every stage's command line, and whether it finished")
+    p.add_argument("--list", action="store_true", help="print every stage's command line, whether it finished, and "
+                   "the plan of those still to run")
+    p.add_argument("--yes", action="store_true", help="start even if the plan takes more than a day on this device")
     p.add_argument("--report", action="store_true", help="write the tables and figures from the finished stages")
     a = p.parse_args(argv)
     a.iters, a.n = a.iters or PRESETS[a.preset]["iters"], a.n or PRESETS[a.preset]["n"]
@@ -490,22 +603,29 @@ def main(argv=None):
         p.error(f"--test {a.test}: no such folder")
     if a.report:
         return report(a) if a.round == 1 else report_second_round(a)
-    lock = None if a.list else lock_folder(a.out)  # held while open: until the study ends
-    while True:
-        done, W = finished(a.out), standard_best_w(a)
-        todo = [(name, cmd) for name, cmd in plan_of(a, W or "W") if name not in done]
-        if a.list:
-            for name, cmd in plan_of(a, W or "W"):
-                print(f"{'done' if name in done else 'todo'} {name}: {command_line(cmd)}")
-            return
-        if not todo:
-            print(f"study: every stage is done ({sum(done.values()) / 60:.0f} min in all): the same command with "
-                  f"--report writes the tables")
-            return
-        if "W" in todo[0][1]:
-            p.error(f"stage {todo[0][0]} needs the standard model's best w_eff, but {a.out}/final/results.csv lacks "
-                    f"some of its cells: delete the final_standard line of {a.out}/stages.tsv to sweep them again")
-        run_stage(a.out, *todo[0])
+    if a.list:
+        announce(a)
+        return
+    made = not os.path.isdir(a.out)
+    with lock_folder(a.out):  # held until the study ends, however it ends
+        total = announce(a)
+        if total > DAY and not a.yes:
+            if made:  # nothing was written: leave no folder behind
+                shutil.rmtree(a.out)
+            p.error(f"the plan takes {duration(total)} on this device, more than a day: add --yes to start it all "
+                    f"the same")
+        while True:
+            done, W = finished(a.out), standard_best_w(a)
+            todo = [(name, cmd) for name, cmd in plan_of(a, W or "W") if name not in done]
+            if not todo:
+                print(f"study: every stage is done ({sum(done.values()) / 60:.0f} min in all): the same command with "
+                      f"--report writes the tables")
+                return
+            if "W" in todo[0][1]:
+                p.error(f"stage {todo[0][0]} needs the standard model's best w_eff, but {a.out}/final/results.csv "
+                        f"lacks some of its cells: delete the final_standard line of {a.out}/stages.tsv to sweep them "
+                        f"again")
+            run_stage(a.out, *todo[0])
 
 
 if __name__ == "__main__":
