@@ -14,6 +14,7 @@ import pickle
 import re
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -2601,7 +2602,7 @@ def _study_check_plan(plan):
 
 
 def test_study_stages_are_valid_command_lines_that_use_only_what_earlier_stages_made(tmp_path):
-    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000)
+    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000, preset="cpu", nproc=1)
     names = _study_check_plan(study.stages(a, "2"))
     assert names[:3] == ["ref", "realvsreal", "train_standard"]
     assert all(cmd[cmd.index("--seed") + 1] == "0" for _, cmd in study.stages(a, "2") if cmd[0] == "train.py")
@@ -2611,8 +2612,8 @@ def test_study_stages_are_valid_command_lines_that_use_only_what_earlier_stages_
     assert ablation.count("--lr") == 1 and ablation[ablation.index("--lr") + 1] == "1e-4"
 
 
-def test_study_second_round_builds_on_the_first_rounds_stages_and_varies_one_thing_a_run(capsys):
-    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000)
+def test_study_second_round_builds_on_the_first_rounds_stages_and_varies_one_thing_a_run(capsys, monkeypatch):
+    a = argparse.Namespace(data="imgs/train", test="imgs/test", out="runs/s", iters=1600, n=1000, preset="cpu", nproc=1)
     plan, first = dict(study.second_round(a)), dict(study.stages(a, "W"))
     names = _study_check_plan(study.second_round(a))
     assert names[:4] == ["ref", "train_standard", "train_aligned", "r2_seed0"]  # seeds first: the verdict's floor
@@ -2626,9 +2627,11 @@ def test_study_second_round_builds_on_the_first_rounds_stages_and_varies_one_thi
     assert plan["r2_train_ft_standard"][plan["r2_train_ft_standard"].index("--loss") + 1] == "standard"
     assert "runs/s/standard-2x/ckpt-0002400.pt" in plan["r2_ft"]  # standard at 3N/2: the equal-compute partner
     assert plan["r2_train_standard_4x"][-3:] == ["6400", "--out", "runs/s/standard-4x"]
+    _study_fake_speed(monkeypatch)
     study.main(["--round", "2", "--list", "--out", "runs/s", "--data", "cifar10"])
     listed = capsys.readouterr().out.splitlines()
-    assert len(listed) == len(names) and listed[3].startswith("todo r2_seed0: python sweep.py")
+    assert listed[3].startswith("todo r2_seed0: python sweep.py")
+    assert listed[len(names)].startswith("plan on this device") and listed[-1].startswith(f"  all {len(names)} stages")
 
 
 def test_study_second_round_report_gives_each_seed_the_spread_and_the_paired_difference(tmp_path):
@@ -2671,7 +2674,7 @@ def test_study_report_picks_each_best_w_reads_the_floors_and_skips_done_stages(t
                        ("steps10", [_study_row(std, 1, 77, steps=10)])]:
         (out / name).mkdir(parents=True)
         sweep.write_results(out / name / "results.csv", rows)
-    assert study.standard_best_w(str(out)) == "1"  # the lowest FID at w_eff > 0
+    assert study.standard_best_w(argparse.Namespace(out=str(out), preset="cpu")) == "1"  # the lowest FID at w_eff > 0
     (out / "logs").mkdir()
     (out / "logs" / "realvsreal.log").write_text("x: 1000 images\nKID: 0.000100 ± 0.000050\nprecision: 0.7000\nFID: 30.0000\n")
     (out / "stages.tsv").write_text("ref\t60\t2026-12-02T00:00:00Z\ntrain_standard (stopped)\t30\t2026-12-02T00:01:00Z\n"
@@ -2692,7 +2695,7 @@ def test_study_report_picks_each_best_w_reads_the_floors_and_skips_done_stages(t
                                                                        "study_final.csv", "study_seed1000.csv",
                                                                        "study_steps10.csv"]
     # running: a stage in stages.tsv is skipped, the next one runs as a child; a failing one stops the study unrecorded
-    ran = []
+    _study_fake_speed(monkeypatch)
     monkeypatch.setattr(study, "stages", lambda a, W: [("ref", ["never.py"]), ("ok", ["-c", "print('hi')"]),
                                                        ("bad", ["-c", "import sys; sys.exit(2)"])])
     with pytest.raises(SystemExit) as e:
@@ -2703,6 +2706,136 @@ def test_study_report_picks_each_best_w_reads_the_floors_and_skips_done_stages(t
     assert [line.split("\t")[0] for line in (out / "stages.tsv").read_text().splitlines()] == \
         ["ref"] + ["train_standard (stopped)"] * 2 + ["train_standard", "ok", "bad (stopped)"]  # it runs again
     assert (out / "logs" / "ok.log").read_text() == "hi\n"
+
+
+def _study_fake_speed(monkeypatch):
+    """The plan's measurement, faked: a training image takes 1 ms (standard), 2 ms (aligned), 1.5 ms (guidance-free),
+    a network evaluation in sampling 0.1 ms and an Inception image 1 ms."""
+    speed = {"standard": 1e-3, "aligned": 2e-3, "guidance-free": 1.5e-3, "sample": 1e-4, "inception": 1e-3}
+    monkeypatch.setattr(study, "measure_speed", lambda a: ("a fake device", speed))
+
+
+def _study_listed(out):
+    """{stage: command line} of the lines `study.py --list` printed."""
+    return dict(line[5:].split(": ", 1) for line in out.splitlines() if line[:5] in ("todo ", "done "))
+
+
+def test_study_cpu_preset_lists_the_command_lines_of_results_md(tmp_path, monkeypatch, capsys):
+    """RESULTS.md's command list is what `python study.py --list` prints once W is known, so that the study finished
+    there resumes and reports with today's study.py, and a reader copies the commands that ran."""
+    text = (Path(__file__).parent / "RESULTS.md").read_text()
+    block = text[text.index("Its stages are these command lines"):text.index("**Status: done.**")]
+    documented = dict(reversed(line.strip().split("    # ")) for line in block.splitlines() if line.startswith("    "))
+    monkeypatch.chdir(tmp_path)
+    for folder in ("data/cifar10-jpeg/train", "data/cifar10-jpeg/test", "runs/study/final"):
+        (tmp_path / folder).mkdir(parents=True)
+    sweep.write_results(tmp_path / "runs/study/final/results.csv",  # W = 3, as there
+                        [_study_row("runs/study/standard/ckpt.pt", w, f) for w, f in [(0.5, 89), (1, 88), (2, 88), (3, 87)]])
+    _study_fake_speed(monkeypatch)
+    study.main(["--data", "data/cifar10-jpeg/train", "--test", "data/cifar10-jpeg/test", "--list"])
+    listed = _study_listed(capsys.readouterr().out)
+    assert len(documented) == 21 and list(listed.items()) == list(documented.items())
+
+
+def test_study_gpu_preset_is_the_papers_scale_and_predicts_its_cost_before_it_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _study_fake_speed(monkeypatch)
+    study.main(["--preset", "gpu", "--nproc", "8", "--list"])
+    out = capsys.readouterr().out
+    listed, torchrun = _study_listed(out), "torchrun --standalone --nproc_per_node 8 -- "
+    assert list(listed) == ["ref", "realvsreal", "train_standard", "final_standard", "train_aligned", "final_aligned",
+                            "train_gf", "final_gf", "seed_floor", "copy_standard", "train_standard_2x", "equal_compute",
+                            "equal_w", "steps10", "curves_100000", "train_ablation_std", "train_ablation_aligned",
+                            "train_ablation_lr", "ablation", "curves_50000", "curves_150000", "train_standard_seed1",
+                            "train_aligned_seed1", "train_standard_seed2", "train_aligned_seed2", "seeds"]
+    G = "runs/study-gpu"
+    assert listed["ref"] == f"python fid.py cifar10-train --img-size 32 --n 50000 --save-stats {G}/ref_train50000.npz " \
+                            "--with-features"  # the whole training set
+    assert listed["realvsreal"] == f"python fid.py cifar10-test {G}/ref_train50000.npz --img-size 32 --n 10000 --kid " \
+                                   "--prdc --kid-subset-size 1000"
+    assert listed["train_standard"] == torchrun + (
+        "train.py --data cifar10 --loss standard --img-size 32 --ch 128 --ch-mult 1,2,2,2 --num-res-blocks 2 --attn-res "
+        "16 --dropout 0.1 --batch-size 128 --lr 2e-4 --warmup 5000 --ema-decay 0.9999 --seed 0 --amp auto "
+        f"--sample-every 10000 --sample-steps 50 --save-every 50000 --keep-every 50000 --iters 200000 --out {G}/standard")
+    assert listed["final_standard"] == torchrun + (
+        f"sweep.py --ckpt {G}/standard/ckpt.pt --n 50000 --ref {G}/ref_train50000.npz --kid --prdc --kid-subset-size "
+        f"1000 --amp auto --out {G}/final --w-eff 0,0.25,0.5,1,2,3 --steps 50")
+    assert listed["seed_floor"].endswith(f"--out {G}/seed50000 --w-eff 1 --steps 50 --seed 50000")  # no image reused
+    assert "--dropout 0 " in listed["train_ablation_std"]  # the ablation drops DDPM's dropout
+    assert listed["train_aligned_seed2"] == listed["train_aligned"].replace("--seed 0", "--seed 2").replace(
+        "aligned-w2", "aligned-w2-seed2")
+    # the plan: each stage's images at the faked speed, divided among the 8 processes (fid.py runs as one)
+    assert "\nplan on this device (a fake device; train.py and sweep.py on 8 of them): a training image 1 ms standard, " \
+           "2 ms aligned, 1.5 ms guidance-free; a network evaluation in sampling 0.1 ms; an Inception image 1 ms\n" in out
+    for line in ["ref                                 50 s",  # 50,000 Inception images
+                 "train_standard                    53 min",  # 200,000 x 128 images at 1 ms, / 8
+                 "final_standard                     7 min",  # 6 cells of 50,000 x (50 x 2 evaluations + Inception)
+                 "train_gf                          67 min",  # standard up to step 100,000, then 1.5 ms an image
+                 "train_standard_2x                 53 min",  # from the copy's step 200,000 to 400,000
+                 "all 26 stages                     13.3 h"]:
+        assert f"\n  {line}\n" in out + "\n", line
+    with pytest.raises(SystemExit) as e:  # on one device, more than a day: refused before anything is written
+        study.main(["--preset", "gpu"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: the plan takes 4.4 days on this device, more than a day: add --yes to start it all the same")
+    assert not (tmp_path / "runs" / "study-gpu").exists()
+
+
+def test_study_starts_a_plan_of_more_than_a_day_only_with_yes(tmp_path, monkeypatch, capsys):
+    _study_fake_speed(monkeypatch)
+    monkeypatch.setattr(study, "stages", lambda a, W: [("ok", ["-c", "print('ran')"])])
+    monkeypatch.setattr(study, "predicted_seconds", lambda plan, speed, nproc: {"ok": 25 * 3600})
+    with pytest.raises(SystemExit) as e:
+        study.main(["--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].endswith(
+        "error: the plan takes 25.0 h on this device, more than a day: add --yes to start it all the same")
+    study.main(["--out", str(tmp_path / "s"), "--yes"])
+    assert "  ok                                25.0 h\n" in capsys.readouterr().out
+    assert (tmp_path / "s" / "logs" / "ok.log").read_text() == "ran\n"
+
+
+@pytest.mark.parametrize("argv, message", [(["--preset", "huge"], "--preset: invalid choice: 'huge'"),
+                                           (["--nproc", "0"], "--nproc: expected an integer >= 1, got '0'")])
+def test_study_bad_preset_or_nproc_exits_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        study.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_study_tiny_preset_runs_every_kind_of_stage_resumes_after_a_stop_reports_and_runs_under_torchrun(
+        tmp_path, monkeypatch, capsys):
+    out, argv = tmp_path / "one", ["--preset", "tiny", "--data", str(_train_class_folder(tmp_path / "imgs"))]
+    _study_fake_speed(monkeypatch)
+    run_stage = study.run_stage  # a stop in the middle: final_standard's child ends as a signal ends train.py
+    monkeypatch.setattr(study, "run_stage", lambda out_, name, cmd: run_stage(
+        out_, name, ["-c", "import sys; sys.exit(143)"] if name == "final_standard" else cmd))
+    with pytest.raises(SystemExit) as e:
+        study.main([*argv, "--out", str(out)])
+    assert e.value.code == 143 and "  all 5 stages" in capsys.readouterr().out
+    monkeypatch.setattr(study, "run_stage", run_stage)
+    study.main([*argv, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "  all 3 stages" in printed and "=== ref:" not in printed and "every stage is done" in printed
+    assert [line.split("\t")[0] for line in (out / "stages.tsv").read_text().splitlines()] == \
+        ["ref", "train_standard", "final_standard (stopped)", "final_standard", "copy_standard", "train_standard_2x"]
+    assert torch.load(out / "standard-2x" / "ckpt.pt", weights_only=True)["step"] == 8  # from the copy of step 4
+    study.main([*argv, "--out", str(out), "--report", "--results", str(tmp_path / "r")])
+    md = (tmp_path / "r" / "study.md").read_text()
+    assert "### FID, 2 DDIM steps, n = 6" in md and "| FID | w_eff = 0 | w_eff = 1 |\n|---|---:|---:|\n| standard |" in md
+    assert "| final_standard |" in md and "(stopped)" not in md  # its stopped attempt's time added
+    # --nproc 2: the same model's sweep under torchrun (gloo) scores as in one process
+    two = tmp_path / "two"
+    shutil.copytree(out / "standard", two / "standard")
+    shutil.copy(out / "ref_train6.npz", two)
+    (two / "stages.tsv").write_text("ref\t1\tx\ntrain_standard\t1\tx\n")
+    monkeypatch.setitem(study.PRESETS["tiny"], "stages", ("ref", "train_standard", "final_standard"))
+    study.main([*argv, "--out", str(two), "--nproc", "2"])
+    assert "=== final_standard: torchrun --standalone --nproc_per_node 2 -- sweep.py" in capsys.readouterr().out
+    scores = [[float(r[k]) for r in sweep.read_results(folder / "final" / "results.csv")
+               for k in ("w_eff", "fid", "kid", "precision", "recall")] for folder in (out, two)]
+    assert len(scores[0]) == 10 and scores[0] == pytest.approx(scores[1])
 
 
 # ---- one command at a time on a folder ----
@@ -2753,6 +2886,7 @@ def test_a_second_command_on_a_folder_in_use_is_refused_and_kill_9_frees_it(comm
         assert capsys.readouterr().out == f"sweeping into {out}\n"
     else:
         monkeypatch.setattr(study, "stages", lambda a, W: [("ok", ["-c", "pass"])])
+        _study_fake_speed(monkeypatch)
         study.main(argv)
         assert "every stage is done" in capsys.readouterr().out
     assert (out / ".lock").read_text() == f"process {os.getpid()} ({os.path.basename(sys.argv[0])})\n"
