@@ -2737,6 +2737,19 @@ def test_study_cpu_preset_lists_the_command_lines_of_results_md(tmp_path, monkey
     assert len(documented) == 21 and list(listed.items()) == list(documented.items())
 
 
+def test_study_second_round_lists_the_command_lines_of_results_md(tmp_path, monkeypatch, capsys):
+    text = (Path(__file__).parent / "RESULTS.md").read_text()
+    block = text[text.index("`python study.py --round 2 --list` prints them"):text.index("## Speed on a CPU")]
+    documented = dict(reversed(line.strip().split("    # ")) for line in block.splitlines() if "    # " in line)
+    monkeypatch.chdir(tmp_path)
+    for folder in ("data/cifar10-jpeg/train", "data/cifar10-jpeg/test"):
+        (tmp_path / folder).mkdir(parents=True)
+    _study_fake_speed(monkeypatch)
+    study.main(["--round", "2", "--data", "data/cifar10-jpeg/train", "--test", "data/cifar10-jpeg/test", "--list"])
+    listed = _study_listed(capsys.readouterr().out)
+    assert len(documented) == 29 and list(listed.items()) == list(documented.items())
+
+
 def test_study_gpu_preset_is_the_papers_scale_and_predicts_its_cost_before_it_starts(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     _study_fake_speed(monkeypatch)
