@@ -2520,6 +2520,7 @@ def test_unknown_device_is_one_line_error_in_every_command(tmp_path, sample_ckpt
 
 def test_bench_follows_the_auto_rule_and_prints_the_cpu_table(monkeypatch, capsys):
     _fake_cpu(monkeypatch, amx_bf16=True)
+    monkeypatch.setattr(bench, "peak", lambda precision, device: {"matmul": 40.0, "convolution": 80.0})  # seconds saved
     with _train_one_thread():
         bench.main(["--what", "sample", "--device", "cpu", "--ch", "32", "--batch-size", "1", "--iters", "1",
                     "--sample-steps", "1"])
@@ -2528,14 +2529,33 @@ def test_bench_follows_the_auto_rule_and_prints_the_cpu_table(monkeypatch, capsy
         assert lines[1] == "cpu, amp bf16, channels_last (auto: native bf16, AMX), batch 1"
         bench.main(["--what", "cpu-table", "--networks", "small", "--configs", "fp32-nchw,fp32-cl", "--iters", "1",
                     "--batch-size", "1", "--sample-steps", "1"])
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
-    assert table[:2] == ["| measurement | fp32-nchw | fp32-cl |", "|---|---:|---:|"]
+    out = capsys.readouterr().out.splitlines()
+    assert "a cell: rate (ratio to the first column), GFLOP/s, share of the peak, the faster of fp32 matmul 40, " \
+           "convolution 80 GFLOP/s" in out
+    table = [line for line in out if line.startswith("|")]
+    assert table[:2] == ["| measurement | GFLOP each | fp32-nchw | fp32-cl |", "|---|---:|---:|---:|"]
     assert [row.split(" | ")[0] for row in table[2:]] == [
-        "| small U-Net, train standard, batch 1 (img/s)", "| small U-Net, train aligned, batch 1 (img/s)",
-        "| small U-Net, train guidance-free, batch 1 (img/s)", "| small U-Net, guided sampling, 1 images (img-evals/s)"]
-    for row in table[2:]:  # each figure, then its ratio to the first column
-        base, other, ratio = (float(v) for v in re.fullmatch(r"\| .* \| ([\d.]+) \| ([\d.]+) \(([\d.]+)x\) \|", row).groups())
-        assert base > 0 and other > 0 and ratio == pytest.approx(other / base, abs=0.01 + 0.1 * ratio)  # rounding
+        f"| small U-Net {s}x{s}, {what}" for s in (16, 32) for what in [
+            "train standard, batch 1 (img/s)", "train aligned, batch 1 (img/s)", "train guidance-free, batch 1 (img/s)",
+            "guided sampling, 1 images (img-evals/s)"]]
+    cell = r"([\d.]+)(?: \(([\d.]+)x\))?, (\d+), (\d+)%"
+    for row in table[2:]:  # a rate (then its ratio to the first column), its GFLOP/s and their share of the peak (80)
+        each, *figures = re.fullmatch(rf"\| .* \| ([\d.]+) \| {cell} \| {cell} \|", row).groups()
+        (base, _, gflops0, share0), (other, ratio, gflops1, share1) = [figures[:4], figures[4:]]
+        for rate, gflops, share in [(base, gflops0, share0), (other, gflops1, share1)]:
+            assert float(gflops) == pytest.approx(float(each) * float(rate), abs=0.5 + 0.01 * float(gflops))
+            assert float(share) == pytest.approx(100 * float(gflops) / 80, abs=1.2)
+        assert float(ratio) == pytest.approx(float(other) / float(base), abs=0.01 + 0.1 * float(ratio))  # rounding
+    # the 32 x 32 rows time a 32 x 32 network: 4x the FLOPs of an image at 16 x 16, for 4x the pixels
+    each = {row.split(" | ")[0]: float(row.split(" | ")[1]) for row in table[2:]}
+    assert each["| small U-Net 32x32, train standard, batch 1 (img/s)"] == pytest.approx(
+        4 * each["| small U-Net 16x16, train standard, batch 1 (img/s)"], rel=0.05)
+
+
+def test_bench_gflops_are_the_flops_of_a_call_times_its_rate():
+    a, b = torch.ones(64, 32), torch.ones(32, 16)
+    rate, gflops = bench.timed(lambda: a @ b, 2, torch.device("cpu"), units=4)  # 4 images a call, say
+    assert gflops * 1e9 / rate * 4 == pytest.approx(2 * 64 * 32 * 16)  # 2 FLOPs a multiply-add
 
 
 def test_bench_timer_waits_for_the_timed_gpu(monkeypatch):
