@@ -932,7 +932,8 @@ def _check_flags(parsers, words, where):
             flag, _, value = word.partition("=")
             assert flag in actions, f"{where}: {script} has no flag {flag}"
             value = value or (args[i + 1] if i + 1 < len(args) else None)
-            assert actions[flag].choices is None or value in actions[flag].choices, f"{where}: {flag} {value}"
+            assert actions[flag].choices is None or (actions[flag].type or str)(value) in actions[flag].choices, \
+                    f"{where}: {flag} {value}"
 
 
 def test_documented_command_lines_use_flags_that_exist():
@@ -2926,6 +2927,7 @@ def test_study_tiny_preset_runs_every_kind_of_stage_resumes_after_a_stop_reports
         tmp_path, monkeypatch, capsys):
     out, argv = tmp_path / "one", ["--preset", "tiny", "--data", str(_train_class_folder(tmp_path / "imgs"))]
     _study_fake_speed(monkeypatch)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as torchrun gives each process: the same sums, to the last bit
     run_stage = study.run_stage  # a stop in the middle: final_standard's child ends as a signal ends train.py
     monkeypatch.setattr(study, "run_stage", lambda out_, name, cmd: run_stage(
         out_, name, ["-c", "import sys; sys.exit(143)"] if name == "final_standard" else cmd))
