@@ -448,8 +448,10 @@ def wall_times(times):
 SEEDS = {"standard": ["standard", "standard-seed1", "standard-seed2"],
          "aligned-w2": ["aligned-w2", "aligned-w2-seed1", "aligned-w2-seed2"]}
 def ablations(N):
-    """(title, runs) of the second round's tables beside the seeds', the reference runs first."""
-    return [("the gradient into eps(z, null)", ["aligned-w2", "aligned-w2-detach"]),
+    """(title, runs) of the second round's tables of every figure, the reference runs (standard, aligned-w2) among them."""
+    return [("training seeds", ["standard", "standard-seed1", "standard-seed2", "aligned-w2", "aligned-w2-seed1",
+                                "aligned-w2-seed2"]),
+            ("the gradient into eps(z, null)", ["aligned-w2", "aligned-w2-detach"]),
             (f"fine-tuning the standard model of step {N // 2} for {N // 2} steps, beside standard at {N} and at "
              f"{3 * N // 2} (equal compute)",
              ["standard", "ft-standard", "ft-aligned-w2", "ft-aligned-w2-detach", f"standard-2x@{3 * N // 2}"]),
@@ -496,7 +498,7 @@ def report_second_round(a):
     for title, runs in ablations(a.iters):
         mine = sorted((r for r in rows if run_name(r["checkpoint"]) in runs),
                       key=lambda r: runs.index(run_name(r["checkpoint"])))
-        if len({run_name(r["checkpoint"]) for r in mine}) < 2:  # no ablated run yet
+        if {run_name(r["checkpoint"]) for r in mine} <= {"standard", "aligned-w2"}:  # none of its own runs yet
             continue
         for what in ("fid", "kid", "precision", "recall"):
             md += [f"### {title}: {what.upper() if what in ('fid', 'kid') else what}", "",
