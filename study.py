@@ -28,7 +28,7 @@ from bench import time_fid, time_sampling, time_training
 from flags import number, output_dir, parser
 from model import UNet
 from runtime import fast_path, lock_folder, pick_device, tune_cuda, warn, write_atomic
-from sweep import plot, read_results, run_name
+from sweep import plot, pyplot, read_results, run_name
 from train import get_parser as train_parser
 
 # A preset: train.py's flags that every run shares, the training steps N, the images of each sweep cell and of the
@@ -511,11 +511,7 @@ def report_second_round(a):
 
 def plot_dose(fid, path):
     """FID at w_eff 1 and 3 against the training w_t (0: the standard loss), one line per training seed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if (plt := pyplot()) is None:
         return
     lines = {"seed 0": [(0, "standard"), (0.5, "aligned-w0.5"), (1, "aligned-w1"), (2, "aligned-w2"), (4, "aligned-w4")],
              **{f"seed {s}": [(0, f"standard-seed{s}"), (2, f"aligned-w2-seed{s}")] for s in (1, 2)}}
@@ -534,11 +530,7 @@ def plot_dose(fid, path):
 
 
 def plot_curves(rows, step, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if (plt := pyplot()) is None:
         return
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
     for row, what in enumerate(("fid", "kid")):

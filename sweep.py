@@ -102,15 +102,22 @@ def markdown(rows, column):
     return "\n".join(out)
 
 
-def plot(rows, column, path):
-    """FID against `column`, one line per checkpoint, sampler and step count, and beside it, for the rows with them,
-    precision against recall, points labelled by w_eff: the fidelity/diversity trade-off that guidance moves along.
-    False when matplotlib is missing."""
-    try:  # an optional dependency: the CSV and markdown are the results, the figure only shows them
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib (optional) is not installed."""
+    try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(rows, column, path):
+    """FID against `column`, one line per checkpoint, sampler and step count, and beside it, for the rows with them,
+    precision against recall, points labelled by w_eff: the fidelity/diversity trade-off that guidance moves along.
+    False when matplotlib is missing."""
+    if (plt := pyplot()) is None:  # an optional dependency: the CSV and markdown are the results, the figure shows them
         return False
     pr = [r for r in rows if r["precision"] != ""]
     fig, axes = plt.subplots(1, 2 if pr else 1, figsize=(13 if pr else 7, 4.5), squeeze=False)
