@@ -191,7 +191,7 @@ def main(argv=None):
     if args.what == "cpu-table":
         print(cpu_table(args.networks, args.configs, repeats, args.sample_steps or 2, device, args.batch_size))
         return
-    amp, channels_last, why = fast_path(device, args.amp, not args.no_channels_last)
+    amp, channels_last, why = fast_path(device, args.amp, not args.no_channels_last, args.ch)
     tune_cuda(device, amp)
     batch = args.batch_size or (128 if cuda else 8)
     print(speed_line(device, amp, channels_last, why) + f", batch {batch}")

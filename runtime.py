@@ -42,28 +42,36 @@ def native_bf16():
     return "AMX" if caps.get("amx_bf16") else "AVX-512 BF16" if caps.get("avx512_bf16") else None
 
 
-def fast_path(device, amp="auto", channels_last=True):
+def fast_path(device, amp="auto", channels_last=True, ch=None):
     """(amp, channels_last, why): the one rule for the precision and memory layout of every command's network.
 
     'auto' is bf16 on a GPU of compute capability 8.0 or newer and on a CPU with bf16 hardware (AMX, AVX-512 BF16),
-    where it ran 1.8-3.7x as fast as fp32 (RESULTS.md, "Speed on a CPU"). Below 8.0 cuDNN has no bf16 convolutions,
-    so 'auto' is fp16 (train.py adds the loss scaler) from 7.0, the first tensor cores, and fp32 before that. On any
-    other CPU bf16 is emulated and ran 5-9x slower than fp32, so 'auto' is fp32 there. An explicit amp is kept as it is.
+    where it ran 1.8-3.7x (AMX) and 1.4-2.1x (AVX-512 BF16) as fast as fp32 (RESULTS.md, "Speed on a CPU"). Below
+    8.0 cuDNN has no bf16 convolutions, so 'auto' is fp16 (train.py adds the loss scaler) from 7.0, the first tensor
+    cores, and fp32 before that. On any other CPU bf16 is emulated and ran 5-9x slower than fp32, so 'auto' is fp32
+    there. An explicit amp is kept as it is.
     channels_last goes with bf16 and fp16 only: fp32 is NCHW everywhere (on a CPU channels_last gave it no consistent
-    gain, 0.87-1.16x on AVX2), and channels_last=False (--no-channels-last) keeps NCHW for every precision."""
-    device = torch.device(device)
-    if amp == "auto" and device.type == "cpu":
+    gain, 0.87-1.16x on AVX2), and channels_last=False (--no-channels-last) keeps NCHW for every precision. On a CPU
+    'auto' also keeps NCHW for a network of base width ch < 64: with AVX-512 BF16 (AMX not measured) bf16
+    channels_last changed the default U-Net's speed (ch 128) by -5% to +12% against bf16 NCHW, but cost the small one
+    (ch 32) 14-35% at 16 x 16 and 0-11% at 32 x 32. An explicit amp keeps channels_last, so bench.py can time both. ch=None: the width is not known,
+    counted as wide."""
+    device, auto = torch.device(device), amp == "auto"
+    if auto and device.type == "cpu":
         amp = "bf16" if (hardware := native_bf16()) else "none"
         why = f"auto: native bf16, {hardware}" if hardware else f"auto: no native bf16 on this CPU " \
             f"({torch.backends.cpu.get_cpu_capability()}), so fp32"
-    elif amp == "auto":
+    elif auto:
         major, minor = torch.cuda.get_device_capability(device)
         amp = "bf16" if major >= 8 else "fp16" if major >= 7 else "none"
         why = f"auto: {device.type}, compute capability {major}.{minor}" + {
             "bf16": "", "fp16": ": no native bf16, so fp16 with loss scaling", "none": ": no tensor cores, so fp32"}[amp]
     else:
         why = f"--amp {amp}"
-    return amp, channels_last and amp != "none", why
+    channels_last = channels_last and amp != "none"
+    if auto and channels_last and device.type == "cpu" and ch is not None and ch < 64:
+        channels_last, why = False, f"{why}; NCHW for ch {ch} < 64"
+    return amp, channels_last, why
 
 
 def speed_line(device, amp, channels_last, why):

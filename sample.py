@@ -85,12 +85,13 @@ def sample_images(model, schedule, labels, *, null_class, w=0.0, steps=50, eta=0
     for every batch size. That makes it safe to halve the batch and retry on CUDA out-of-memory, so the
     default batch_size=None starts large there, at 1024; on CPU it is 8, where small batches run fastest.
     amp and channels_last go through runtime.fast_path ('auto': bf16 in channels_last on recent GPUs and on a CPU with
-    bf16 hardware, see there; channels_last=False keeps NCHW), which also sets the model's memory format.
+    bf16 hardware, NCHW there for a network narrower than ch 64, see there; channels_last=False keeps NCHW), which also
+    sets the model's memory format.
     progress(done, total) runs after each batch.
     """
     device = torch.device(device)
     size = (3, model.img_size, model.img_size)
-    amp, channels_last = fast_path(device, amp, channels_last)[:2]
+    amp, channels_last = fast_path(device, amp, channels_last, model.ch)[:2]
     model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def eps_model(z, t, y):
@@ -190,7 +191,7 @@ def run(p, args, stop):
     classes = [ids[t] for t in tokens]
     labels = balanced_labels(args.n, classes)
     say = print if rank == 0 else lambda *_: None
-    say(speed_line(device, *fast_path(device, args.amp)))
+    say(speed_line(device, *fast_path(device, args.amp, ch=model.ch)))
     say(f"{args.ckpt}: {config['loss']} loss, {args.n} images at w = {w:g}, {args.steps} {args.sampler} steps on {device}")
     report = progress() if rank == 0 else lambda done, n: None
 

@@ -209,21 +209,23 @@ def measure_speed(a):
     """(this device in words, {what: seconds}): the seconds of a training image of each loss ("standard", "aligned",
     "guidance-free"), of one network evaluation of an image in sampling ("sample") and of one image's Inception
     features ("inception"), timed by bench.py with random weights and data (speed does not depend on them) in the
-    preset's network, precision and layout, in a few seconds. A GPU is timed at the preset's batch, since it is busy
-    only with a large one. On a CPU an image costs about the same in any batch large enough to hide the fixed cost of a
-    call, so there the batch doubles from 1 only until a batch takes 50 ms: a large network is timed on one image."""
+    preset's network, precision and layout, in some seconds (14 for the cpu preset on 2 cores). A GPU is timed at the
+    preset's batch, since it is busy only with a large one. On a CPU the batch doubles from 1 until a batch takes half
+    a second, enough to hide the fixed cost of a call: a large network is timed on a few images, the CPU study's small
+    one at its batch of 64 (stopped at 50 ms, a batch of a few images, this predicted its training at under half the
+    speed it has at 64, and every training stage at twice its time)."""
     flags = train_parser().parse_args(flag_words(PRESETS[a.preset]["train"]))
     device = pick_device("auto")
-    amp, channels_last, _ = fast_path(device, flags.amp, not flags.no_channels_last)
+    amp, channels_last, _ = fast_path(device, flags.amp, not flags.no_channels_last, flags.ch)
     tune_cuda(device, amp)
     model = UNet(ch=flags.ch, ch_mult=flags.ch_mult, num_res_blocks=flags.num_res_blocks, attn_res=flags.attn_res,
                  dropout=flags.dropout, img_size=flags.img_size).to(device)
 
-    def seconds_per_image(rates):  # rates(batch): {what: images (or evaluations) per second}
+    def seconds_per_image(rates):  # rates(batch): {what: (images (or evaluations) per second, GFLOP/s)}
         batch = flags.batch_size if device.type == "cuda" else 1
         while True:
-            seconds = {what: 1 / rate for what, rate in rates(batch).items()}
-            if batch == flags.batch_size or batch * max(seconds.values()) > 0.05:
+            seconds = {what: 1 / rate for what, (rate, _) in rates(batch).items()}
+            if batch == flags.batch_size or batch * max(seconds.values()) > 0.5:
                 return seconds
             batch = min(2 * batch, flags.batch_size)
     speed = {**seconds_per_image(lambda b: time_training(model, b, amp, channels_last, device, repeats=1)),

@@ -187,7 +187,8 @@ def run_sweep(ckpts, steps_list, n, *, ws=None, w_effs=None, ref="cifar10-train"
                            f"at most {n_ref}")
     os.makedirs(os.path.join(out, "grids"), exist_ok=True)
     if main:
-        print(speed_line(device, *fast_path(device, amp)), file=sys.stderr)
+        for line in sorted({speed_line(device, *fast_path(device, amp, ch=model.ch)) for model, _ in models.values()}):
+            print(line, file=sys.stderr)
         print(f"sweep: {len(todo)} cells to compute, {len(done)} already in {csv_path}", file=sys.stderr)
     column = "w" if ws is not None else "w_eff"
     suffix = (f"_ancestral_v{v:g}" if sampler == "ancestral" else "") + \

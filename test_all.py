@@ -76,6 +76,9 @@ def test_fast_path_is_bf16_in_channels_last_only_where_the_cpu_has_bf16_hardware
     assert runtime.fast_path("cpu", "auto", channels_last=False) == ("bf16", False, "auto: native bf16, AMX")
     _fake_cpu(monkeypatch, avx512_bf16=True)
     assert runtime.fast_path("cpu") == ("bf16", True, "auto: native bf16, AVX-512 BF16")
+    assert runtime.fast_path("cpu", ch=64) == ("bf16", True, "auto: native bf16, AVX-512 BF16")  # wide: channels_last
+    assert runtime.fast_path("cpu", ch=32) == ("bf16", False, "auto: native bf16, AVX-512 BF16; NCHW for ch 32 < 64")
+    assert runtime.fast_path("cpu", "bf16", ch=32) == ("bf16", True, "--amp bf16")  # asked for: the layout too
     _fake_cpu(monkeypatch, avx2=True, avx512_f=True)  # AVX-512 alone emulates bf16
     amp, channels_last, why = runtime.fast_path("cpu")
     assert (amp, channels_last) == ("none", False) and why.startswith("auto: no native bf16 on this CPU (")
@@ -99,6 +102,7 @@ def test_fast_path_on_cuda_follows_the_compute_capability_and_fp32_is_nchw_witho
     assert runtime.fast_path(cuda, "auto", channels_last=False) == (amp, False, f"auto: cuda, {why}")
     assert runtime.fast_path(cuda, "none") == ("none", False, "--amp none")
     assert runtime.fast_path(cuda, "bf16") == ("bf16", True, "--amp bf16")  # asked for: kept
+    assert runtime.fast_path(cuda, ch=32) == (amp, amp != "none", f"auto: cuda, {why}")  # narrow NCHW is the CPU's
     matmul, conv, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn
     for knobs, name, default in [(matmul, "fp32_precision", "none"), (conv, "fp32_precision", "tf32"),
                                  (cudnn, "benchmark", False)]:
@@ -1522,7 +1526,8 @@ def test_sample_auto_precision_follows_the_cpu(sample_ckpt, tmp_path, monkeypatc
                                    "--w", "0"]) or np.load(tmp_path / out / "samples.npz")["arr_0"]
     _fake_cpu(monkeypatch, avx512_bf16=True)
     low = run("bf16")
-    assert capsys.readouterr().out.splitlines()[0] == "cpu, amp bf16, channels_last (auto: native bf16, AVX-512 BF16)"
+    assert capsys.readouterr().out.splitlines()[0] == "cpu, amp bf16, NCHW (auto: native bf16, AVX-512 BF16; NCHW for " \
+                                                      "ch 32 < 64)"
     _fake_cpu(monkeypatch, avx2=True)
     exact = run("fp32")
     assert capsys.readouterr().out.splitlines()[0].startswith("cpu, amp none, NCHW (auto: no native bf16")
@@ -2232,16 +2237,17 @@ def test_train_tiny_run_through_the_command_line(tmp_path):
     assert abs(log[0]["loss"] - 1) < 0.1 and last < 0.6 * first, (first, last)
 
 
-@pytest.mark.parametrize("bf16_hardware", [True, False])
-def test_train_auto_precision_and_layout_follow_the_cpu(tmp_path, monkeypatch, capsys, bf16_hardware):
+@pytest.mark.parametrize("bf16_hardware, ch", [(True, 64), (True, 32), (False, 64)])
+def test_train_auto_precision_and_layout_follow_the_cpu(tmp_path, monkeypatch, capsys, bf16_hardware, ch):
     _fake_cpu(monkeypatch, **({"amx_bf16": True} if bf16_hardware else {"avx2": True}))
-    ckpt = _train_tiny_run(tmp_path, tmp_path / "run", "--iters", "1", "--amp", "auto")
-    first = capsys.readouterr().err.splitlines()[0]
-    assert first == "cpu, amp bf16, channels_last (auto: native bf16, AMX)" if bf16_hardware else \
+    ckpt = _train_tiny_run(tmp_path, tmp_path / "run", "--iters", "1", "--amp", "auto", "--ch", str(ch))
+    first, channels_last = capsys.readouterr().err.splitlines()[0], bf16_hardware and ch >= 64
+    assert first == "cpu, amp bf16, channels_last (auto: native bf16, AMX)" if channels_last else \
+        first == "cpu, amp bf16, NCHW (auto: native bf16, AMX; NCHW for ch 32 < 64)" if bf16_hardware else \
         first.startswith("cpu, amp none, NCHW (auto: no native bf16 on this CPU (")
     assert ckpt["config"]["amp"] == ("bf16" if bf16_hardware else "none")
-    weight = ckpt["model"]["conv_out.weight"]  # [3, 32, 3, 3]: its strides tell the layout the model trained in
-    assert weight.is_contiguous(memory_format=torch.channels_last) == bf16_hardware != weight.is_contiguous()
+    weight = ckpt["model"]["conv_out.weight"]  # [3, ch, 3, 3]: its strides tell the layout the model trained in
+    assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last != weight.is_contiguous()
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -2398,7 +2404,7 @@ def test_sweep_effective_w_maps_per_checkpoint(tmp_path, capsys, monkeypatch):
     _fake_cpu(monkeypatch, amx_bf16=True)  # and the auto precision follows the CPU, as in every command
     sweep.main(["--ckpt", *ckpts, "--w-eff", "1", "--steps", "1", "--n", "2", "--ref", ref, "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == "cpu, amp bf16, channels_last (auto: native bf16, AMX)"
+    assert err[0] == "cpu, amp bf16, NCHW (auto: native bf16, AMX; NCHW for ch 32 < 64)"  # the small network's rule
     assert any(re.fullmatch(r"\[cell 2/2\] aligned-w2 steps=1 w=5: 2/2 images, .* images/s, eta 0.0 min", e) for e in err)
     _, rows, _ = _sweep_csv(tmp_path / "s" / "results.csv")
     assert [(float(r["w"]), float(r["w_eff"])) for r in rows] == [(1.0, 1.0), (5.0, 1.0)]  # aligned: 2 + 1 * (1 + 2)
@@ -2528,7 +2534,7 @@ def test_bench_follows_the_auto_rule_and_prints_the_cpu_table(monkeypatch, capsy
                     "--sample-steps", "1"])
         lines = capsys.readouterr().out.splitlines()
         assert lines[0] == "device cpu (fake; bf16 hardware: AMX), 1 CPU threads, torch " + torch.__version__
-        assert lines[1] == "cpu, amp bf16, channels_last (auto: native bf16, AMX), batch 1"
+        assert lines[1] == "cpu, amp bf16, NCHW (auto: native bf16, AMX; NCHW for ch 32 < 64), batch 1"
         bench.main(["--what", "cpu-table", "--networks", "small", "--configs", "fp32-nchw,fp32-cl", "--iters", "1",
                     "--batch-size", "1", "--sample-steps", "1"])
     out = capsys.readouterr().out.splitlines()
@@ -2819,6 +2825,16 @@ def _study_fake_speed(monkeypatch):
     a network evaluation in sampling 0.1 ms and an Inception image 1 ms."""
     speed = {"standard": 1e-3, "aligned": 2e-3, "guidance-free": 1.5e-3, "sample": 1e-4, "inception": 1e-3}
     monkeypatch.setattr(study, "measure_speed", lambda a: ("a fake device", speed))
+
+
+def test_study_plan_times_the_presets_network_with_benchs_own_timers():
+    """The plan's measurement for real (the other plan tests fake it), so that it keeps up with bench.py's timers,
+    which return (rate, GFLOP/s): seconds of an image of each kind, at most the preset's batch of 4."""
+    with _train_one_thread():
+        where, speed = study.measure_speed(argparse.Namespace(preset="tiny"))
+    assert where == "cpu, 1 thread, amp none" and set(speed) == {"standard", "aligned", "guidance-free", "sample",
+                                                                 "inception"}
+    assert all(0 < s < 10 for s in speed.values()), speed
 
 
 def _study_listed(out):

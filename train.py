@@ -355,7 +355,7 @@ def main(argv=None):
 
 def run(p, args, stop):
     device, (rank, world) = init_distributed(args.device), rank_and_world()  # a plain run: (args.device, (0, 1))
-    amp, channels_last, why = fast_path(device, args.amp, not args.no_channels_last)
+    amp, channels_last, why = fast_path(device, args.amp, not args.no_channels_last, args.ch)
     out = args.out
     if rank == 0:  # the one writer under torchrun; it locks before resume reads ckpt.pt, which another run may replace
         stop.hold(out)
