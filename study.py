@@ -186,6 +186,24 @@ def second_round(a, W="W"):
              ("r2_train_aligned_4x", long),
              ("r2_long", sweep(a, "round2", ["standard-2x", "standard-4x", f"{LONG_ALIGNED}-4x@{2 * N}",
                                               f"{LONG_ALIGNED}-4x"], "--w-eff", "0,1", "--steps", steps))]
+    # the conditional stages, added once the stages above were read (RESULTS.md, "Second round"): --detach-uncond at
+    # the two seeds where plain aligned trails (seed 0 is the one where it does not), the equal-compute partner of
+    # aligned at 4N (standard at 8N, since aligned at 4N is within the seed spread at w_eff 1), and fine-tuning at
+    # seeds 1 and 2 (the one place at seed 0 where an aligned variant led: w_eff 3)
+    for seed in ("1", "2"):
+        plan.append((f"r2_train_detach_seed{seed}", train(a, f"aligned-w2-detach-seed{seed}", "aligned", w="2",
+                                                          detach_uncond=True, seed=seed)))
+    plan += [("r2_detach_seeds", cells("aligned-w2-detach-seed1", "aligned-w2-detach-seed2")),
+             ("r2_copy_standard_8x", ["cp", f"{S}/standard-4x/ckpt.pt", f"{S}/standard-8x/ckpt.pt"]),
+             ("r2_train_standard_8x", train(a, "standard-8x", "standard", 8 * N)),
+             ("r2_long_8x", sweep(a, "round2", ["standard-8x"], "--w-eff", "0,1", "--steps", steps))]
+    for seed in ("1", "2"):
+        half = f"{S}/standard-seed{seed}/ckpt-{N // 2:07d}.pt"
+        plan += [(f"r2_train_ft_aligned_seed{seed}", train(a, f"ft-aligned-w2-seed{seed}", "aligned", N // 2, w="2",
+                                                           init_from=half, seed=seed)),
+                 (f"r2_train_ft_standard_seed{seed}", train(a, f"ft-standard-seed{seed}", "standard", N // 2,
+                                                            init_from=half, seed=seed))]
+    plan.append(("r2_ft_seeds", cells(*(f"ft-{m}-seed{s}" for s in ("1", "2") for m in ("aligned-w2", "standard")))))
     return plan
 
 
@@ -447,41 +465,52 @@ def wall_times(times):
             f"| all | {sum(times.values()) / 60:.1f} |", ""]
 
 
-SEEDS = {"standard": ["standard", "standard-seed1", "standard-seed2"],
-         "aligned-w2": ["aligned-w2", "aligned-w2-seed1", "aligned-w2-seed2"]}
+# each loss's runs at training seeds 0, 1, 2, and the pairs whose difference per seed the report gives
+SEEDS = {loss: [loss, f"{loss}-seed1", f"{loss}-seed2"]
+         for loss in ("standard", "aligned-w2", "aligned-w2-detach", "ft-standard", "ft-aligned-w2")}
+PAIRS = [("aligned-w2", "standard"), ("aligned-w2-detach", "standard"), ("ft-aligned-w2", "ft-standard")]
 def ablations(N):
     """(title, runs) of the second round's tables of every figure, the reference runs (standard, aligned-w2) among them."""
     return [("training seeds", ["standard", "standard-seed1", "standard-seed2", "aligned-w2", "aligned-w2-seed1",
                                 "aligned-w2-seed2"]),
-            ("the gradient into eps(z, null)", ["aligned-w2", "aligned-w2-detach"]),
+            ("the gradient into eps(z, null)", ["aligned-w2", "aligned-w2-detach", "aligned-w2-seed1",
+                                                "aligned-w2-detach-seed1", "aligned-w2-seed2", "aligned-w2-detach-seed2"]),
             (f"fine-tuning the standard model of step {N // 2} for {N // 2} steps, beside standard at {N} and at "
              f"{3 * N // 2} (equal compute)",
-             ["standard", "ft-standard", "ft-aligned-w2", "ft-aligned-w2-detach", f"standard-2x@{3 * N // 2}"]),
+             ["standard", "ft-standard", "ft-aligned-w2", "ft-aligned-w2-detach", f"standard-2x@{3 * N // 2}",
+              "ft-standard-seed1", "ft-aligned-w2-seed1", "ft-standard-seed2", "ft-aligned-w2-seed2"]),
             ("the dose-response in w_t (w_t = 0 is the standard loss)",
              ["standard", "aligned-w0.5", "aligned-w1", "aligned-w2", "aligned-w4"]),
-            (f"longer training: {N}, {2 * N} and {4 * N} steps",
-             ["standard", "standard-2x", "standard-4x", "aligned-w2", f"{LONG_ALIGNED}-4x@{2 * N}", f"{LONG_ALIGNED}-4x"])]
+            (f"longer training: {N}, {2 * N}, {4 * N} and {8 * N} steps", list(long_steps(N)))]
+
+
+def long_steps(N):
+    """{run: its training step} of the longer-training runs, standard's and aligned's, in the order of their curves."""
+    return {"standard": N, "standard-2x": 2 * N, "standard-4x": 4 * N, "standard-8x": 8 * N,
+            "aligned-w2": N, f"{LONG_ALIGNED}-4x@{2 * N}": 2 * N, f"{LONG_ALIGNED}-4x": 4 * N}
 
 
 def seed_tables(fid, cols):
     """Markdown: the FID of training seeds 0, 1 and 2 of each loss at each w_eff of cols, with their mean and range,
-    then the paired difference aligned - standard of each seed; fid is {(run, w_eff): FID}."""
+    then the paired difference of each of PAIRS per seed; fid is {(run, w_eff): FID}. A loss with no cell is left out."""
     md = ["### Training seeds: FID of seeds 0, 1, 2 (mean, min-max)", "",
           "| loss, w_eff | seed 0 | seed 1 | seed 2 | mean | min-max |", "|---|---:|---:|---:|---:|---:|"]
     for loss, runs in SEEDS.items():
-        for w in cols:
+        for w in cols if any(run == r for r, _ in fid for run in runs) else ():
             got = [fid.get((run, w)) for run in runs]
             have = [f for f in got if f is not None]
             md.append(f"| {loss}, {w:g} | " + " | ".join("" if f is None else f"{f:.1f}" for f in got) +
                       (f" | {np.mean(have):.1f} | {min(have):.1f}-{max(have):.1f} |" if have else " | | |"))
-    md += ["", "### Paired difference, aligned - standard FID, per training seed (same initial weights and data order)",
-           "", "| w_eff | seed 0 | seed 1 | seed 2 | mean |", "|---|---:|---:|---:|---:|"]
-    for w in cols:
-        diff = [fid[(al, w)] - fid[(st, w)] if (al, w) in fid and (st, w) in fid else None
-                for st, al in zip(*SEEDS.values())]
-        have = [d for d in diff if d is not None]
-        md.append(f"| {w:g} | " + " | ".join("" if d is None else f"{d:+.1f}" for d in diff) +
-                  (f" | {np.mean(have):+.1f} |" if have else " | |"))
+    md += ["", "### Paired difference of FID per training seed (same initial weights and data order)",
+           "", "| pair, w_eff | seed 0 | seed 1 | seed 2 | mean |", "|---|---:|---:|---:|---:|"]
+    for loss, base in PAIRS:
+        for w in cols:
+            diff = [fid[(run, w)] - fid[(ref, w)] if (run, w) in fid and (ref, w) in fid else None
+                    for run, ref in zip(SEEDS[loss], SEEDS[base])]
+            have = [d for d in diff if d is not None]
+            if have:
+                md.append(f"| {loss} - {base}, {w:g} | " + " | ".join("" if d is None else f"{d:+.1f}" for d in diff)
+                          + f" | {np.mean(have):+.1f} |")
     md.append("")
     return md
 
@@ -508,7 +537,10 @@ def report_second_round(a):
     md += wall_times({name: s for name, s in finished(S).items() if name.split(" ")[0] in dict(second_round(a))})
     write_atomic(os.path.join(R, "study_round2.md"), lambda f: f.write("\n".join(md).encode()))
     plot_dose(fid, os.path.join(R, "study_round2_wt.png"))
-    print(f"wrote {R}/study_round2.md and the figure and csv file beside it")
+    at = long_steps(a.iters)
+    plot_curves([r for r in rows if run_name(r["checkpoint"]) in at], lambda r: at[run_name(r["checkpoint"])],
+                os.path.join(R, "study_round2_long.png"), ("standard", "aligned"), lambda run: run.split("-")[0])
+    print(f"wrote {R}/study_round2.md and the figures and csv file beside it")
 
 
 def plot_dose(fid, path):
@@ -531,17 +563,18 @@ def plot_dose(fid, path):
     plt.close(fig)
 
 
-def plot_curves(rows, step, path):
+def plot_curves(rows, step, path, lines=tuple(MODELS[:3]), line=lambda run: run.split("@")[0]):
+    """FID and KID at w_eff 0 and 1 against the training step, step(row); a line per name of lines, line(run)."""
     if (plt := pyplot()) is None:
         return
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
     for row, what in enumerate(("fid", "kid")):
         for ax, w_eff in zip(axes[row], (0.0, 1.0)):
-            for run in MODELS[:3]:
+            for name in lines:
                 points = sorted((step(r), float(r[what])) for r in rows
-                                if run_name(r["checkpoint"]).split("@")[0] == run and float(r["w_eff"]) == w_eff)
+                                if line(run_name(r["checkpoint"])) == name and float(r["w_eff"]) == w_eff)
                 if points:
-                    ax.plot(*zip(*points), marker="o", label=run)
+                    ax.plot(*zip(*points), marker="o", label=name)
             ax.set(xlabel="training step", ylabel=what.upper(), title=f"{what.upper()} at w_eff = {w_eff:g}")
             if ax.lines:
                 ax.legend()

@@ -2739,6 +2739,15 @@ def test_study_second_round_builds_on_the_first_rounds_stages_and_varies_one_thi
     assert plan["r2_train_ft_standard"][plan["r2_train_ft_standard"].index("--loss") + 1] == "standard"
     assert "runs/s/standard-2x/ckpt-0002400.pt" in plan["r2_ft"]  # standard at 3N/2: the equal-compute partner
     assert plan["r2_train_standard_4x"][-3:] == ["6400", "--out", "runs/s/standard-4x"]
+    for name, base, changed in [  # the conditional stages: seeds 1 and 2 of a seed-0 ablation, standard to 8N
+            ("r2_train_detach_seed1", "r2_train_aligned_seed1", ["--detach-uncond"]),
+            ("r2_train_ft_aligned_seed2", "r2_train_aligned_seed2",
+             ["--init-from", "runs/s/standard-seed2/ckpt-0000800.pt", "--iters", "800"]),
+            ("r2_train_ft_standard_seed2", "r2_train_standard_seed2",
+             ["--init-from", "runs/s/standard-seed2/ckpt-0000800.pt", "--iters", "800"]),
+            ("r2_train_standard_8x", "r2_train_standard_4x", ["12800"])]:
+        cmd = plan[name]
+        assert [x for x in cmd if x not in plan[base]] == [x for x in changed if x not in plan[base]] + [cmd[-1]], name
     _study_fake_speed(monkeypatch)
     study.main(["--round", "2", "--list", "--out", "runs/s", "--data", "cifar10"])
     listed = capsys.readouterr().out.splitlines()
@@ -2758,7 +2767,10 @@ def test_study_second_round_report_gives_each_seed_the_spread_and_the_paired_dif
     md = (tmp_path / "r" / "study_round2.md").read_text()
     assert "| standard, 0 | 90.0 | 94.0 |  | 92.0 | 90.0-94.0 |" in md
     assert "| aligned-w2, 1 | 84.0 | 83.0 |  | 83.5 | 83.0-84.0 |" in md
-    assert "| 0 | +5.0 | +3.0 |  | +4.0 |" in md and "| 1 | +4.0 | +1.0 |  | +2.5 |" in md  # aligned - standard
+    assert "| aligned-w2 - standard, 0 | +5.0 | +3.0 |  | +4.0 |" in md  # the same seed's runs, paired
+    assert "| aligned-w2 - standard, 1 | +4.0 | +1.0 |  | +2.5 |" in md
+    assert "| aligned-w2-detach - standard, 1 | +1.0 |  |  | +1.0 |" in md and "| aligned-w2-detach, 0 | 93.0 |" in md
+    assert "ft-aligned-w2 - ft-standard" not in md and "| ft-standard, 0" not in md  # no cell: no row
     assert "| aligned-w2 | 95.0 | 84.0 |\n| aligned-w2-detach | 93.0 | 81.0 |" in md
     assert "| standard | 90.0 | 80.0 |\n| aligned-w0.5 | 91.0 | 80.5 |\n| aligned-w2 | 95.0 | 84.0 |" in md  # by w_t
     assert "fine-tuning" not in md  # no fine-tuned run yet: no table
@@ -2869,7 +2881,7 @@ def test_study_second_round_lists_the_command_lines_of_results_md(tmp_path, monk
     _study_fake_speed(monkeypatch)
     study.main(["--round", "2", "--data", "data/cifar10-jpeg/train", "--test", "data/cifar10-jpeg/test", "--list"])
     listed = _study_listed(capsys.readouterr().out)
-    assert len(documented) == 29 and list(listed.items()) == list(documented.items())
+    assert len(documented) == 40 and list(listed.items()) == list(documented.items())
 
 
 def test_study_gpu_preset_is_the_papers_scale_and_predicts_its_cost_before_it_starts(tmp_path, monkeypatch, capsys):
