@@ -204,6 +204,19 @@ def second_round(a, W="W"):
                  (f"r2_train_ft_standard_seed{seed}", train(a, f"ft-standard-seed{seed}", "standard", N // 2,
                                                             init_from=half, seed=seed))]
     plan.append(("r2_ft_seeds", cells(*(f"ft-{m}-seed{s}" for s in ("1", "2") for m in ("aligned-w2", "standard")))))
+    # read after the stages above: fine-tuning leads at w_eff 3 in every seed, so its equal-compute partner (standard
+    # at 3N/2) at seeds 1 and 2; --detach-uncond beats plain aligned in every paired cell, so it is the aligned run
+    # continued to 4N as well (its equal-compute partner, standard at 8N, has run)
+    for seed in ("1", "2"):
+        plan += [(f"r2_copy_standard_1.5x_seed{seed}", ["cp", f"{S}/standard-seed{seed}/ckpt.pt",
+                                                         f"{S}/standard-1.5x-seed{seed}/ckpt.pt"]),
+                 (f"r2_train_standard_1.5x_seed{seed}", train(a, f"standard-1.5x-seed{seed}", "standard", 3 * N // 2,
+                                                              seed=seed))]
+    plan += [("r2_ft_equal_compute", cells("standard-1.5x-seed1", "standard-1.5x-seed2")),
+             ("r2_copy_detach_4x", ["cp", f"{S}/aligned-w2-detach/ckpt.pt", f"{S}/aligned-w2-detach-4x/ckpt.pt"]),
+             ("r2_train_detach_4x", train(a, "aligned-w2-detach-4x", "aligned", 4 * N, w="2", detach_uncond=True)),
+             ("r2_long_detach", sweep(a, "round2", [f"aligned-w2-detach-4x@{2 * N}", "aligned-w2-detach-4x"],
+                                      "--w-eff", "0,1", "--steps", steps))]
     return plan
 
 
