@@ -478,10 +478,19 @@ def wall_times(times):
             f"| all | {sum(times.values()) / 60:.1f} |", ""]
 
 
-# each loss's runs at training seeds 0, 1, 2, and the pairs whose difference per seed the report gives
-SEEDS = {loss: [loss, f"{loss}-seed1", f"{loss}-seed2"]
-         for loss in ("standard", "aligned-w2", "aligned-w2-detach", "ft-standard", "ft-aligned-w2")}
-PAIRS = [("aligned-w2", "standard"), ("aligned-w2-detach", "standard"), ("ft-aligned-w2", "ft-standard")]
+def seed_runs(N):
+    """{loss: its runs at training seeds 0, 1, 2}; seed 0 of standard at 3N/2 is a checkpoint of the run to 2N."""
+    runs = {loss: [loss, f"{loss}-seed1", f"{loss}-seed2"]
+            for loss in ("standard", "aligned-w2", "aligned-w2-detach", "ft-standard", "ft-aligned-w2")}
+    return {**runs, "standard-1.5x": [f"standard-2x@{3 * N // 2}", "standard-1.5x-seed1", "standard-1.5x-seed2"]}
+
+
+# the pairs whose difference per seed the report gives: each variant against its control at equal steps, and
+# fine-tuning against standard at equal compute
+PAIRS = [("aligned-w2", "standard"), ("aligned-w2-detach", "standard"), ("ft-aligned-w2", "ft-standard"),
+         ("ft-aligned-w2", "standard-1.5x")]
+
+
 def ablations(N):
     """(title, runs) of the second round's tables of every figure, the reference runs (standard, aligned-w2) among them."""
     return [("training seeds", ["standard", "standard-seed1", "standard-seed2", "aligned-w2", "aligned-w2-seed1",
@@ -491,24 +500,28 @@ def ablations(N):
             (f"fine-tuning the standard model of step {N // 2} for {N // 2} steps, beside standard at {N} and at "
              f"{3 * N // 2} (equal compute)",
              ["standard", "ft-standard", "ft-aligned-w2", "ft-aligned-w2-detach", f"standard-2x@{3 * N // 2}",
-              "ft-standard-seed1", "ft-aligned-w2-seed1", "ft-standard-seed2", "ft-aligned-w2-seed2"]),
+              "ft-standard-seed1", "ft-aligned-w2-seed1", "standard-1.5x-seed1", "ft-standard-seed2",
+              "ft-aligned-w2-seed2", "standard-1.5x-seed2"]),
             ("the dose-response in w_t (w_t = 0 is the standard loss)",
              ["standard", "aligned-w0.5", "aligned-w1", "aligned-w2", "aligned-w4"]),
             (f"longer training: {N}, {2 * N}, {4 * N} and {8 * N} steps", list(long_steps(N)))]
 
 
 def long_steps(N):
-    """{run: its training step} of the longer-training runs, standard's and aligned's, in the order of their curves."""
+    """{run: its training step} of the longer-training runs, standard's and both aligned variants', in the order of
+    their curves."""
     return {"standard": N, "standard-2x": 2 * N, "standard-4x": 4 * N, "standard-8x": 8 * N,
-            "aligned-w2": N, f"{LONG_ALIGNED}-4x@{2 * N}": 2 * N, f"{LONG_ALIGNED}-4x": 4 * N}
+            "aligned-w2": N, f"{LONG_ALIGNED}-4x@{2 * N}": 2 * N, f"{LONG_ALIGNED}-4x": 4 * N,
+            "aligned-w2-detach": N, f"aligned-w2-detach-4x@{2 * N}": 2 * N, "aligned-w2-detach-4x": 4 * N}
 
 
-def seed_tables(fid, cols):
+def seed_tables(fid, cols, N):
     """Markdown: the FID of training seeds 0, 1 and 2 of each loss at each w_eff of cols, with their mean and range,
     then the paired difference of each of PAIRS per seed; fid is {(run, w_eff): FID}. A loss with no cell is left out."""
+    seeds = seed_runs(N)
     md = ["### Training seeds: FID of seeds 0, 1, 2 (mean, min-max)", "",
           "| loss, w_eff | seed 0 | seed 1 | seed 2 | mean | min-max |", "|---|---:|---:|---:|---:|---:|"]
-    for loss, runs in SEEDS.items():
+    for loss, runs in seeds.items():
         for w in cols if any(run == r for r, _ in fid for run in runs) else ():
             got = [fid.get((run, w)) for run in runs]
             have = [f for f in got if f is not None]
@@ -519,7 +532,7 @@ def seed_tables(fid, cols):
     for loss, base in PAIRS:
         for w in cols:
             diff = [fid[(run, w)] - fid[(ref, w)] if (run, w) in fid and (ref, w) in fid else None
-                    for run, ref in zip(SEEDS[loss], SEEDS[base])]
+                    for run, ref in zip(seeds[loss], seeds[base])]
             have = [d for d in diff if d is not None]
             if have:
                 md.append(f"| {loss} - {base}, {w:g} | " + " | ".join("" if d is None else f"{d:+.1f}" for d in diff)
@@ -538,7 +551,7 @@ def report_second_round(a):
     os.makedirs(R, exist_ok=True)
     shutil.copyfile(os.path.join(S, "round2", "results.csv"), os.path.join(R, "study_round2.csv"))
     fid = {(run_name(r["checkpoint"]), float(r["w_eff"])): float(r["fid"]) for r in rows}
-    md = seed_tables(fid, sorted({w for _, w in fid}))
+    md = seed_tables(fid, sorted({w for _, w in fid}), a.iters)
     for title, runs in ablations(a.iters):
         mine = sorted((r for r in rows if run_name(r["checkpoint"]) in runs),
                       key=lambda r: runs.index(run_name(r["checkpoint"])))
@@ -552,7 +565,8 @@ def report_second_round(a):
     plot_dose(fid, os.path.join(R, "study_round2_wt.png"))
     at = long_steps(a.iters)
     plot_curves([r for r in rows if run_name(r["checkpoint"]) in at], lambda r: at[run_name(r["checkpoint"])],
-                os.path.join(R, "study_round2_long.png"), ("standard", "aligned"), lambda run: run.split("-")[0])
+                os.path.join(R, "study_round2_long.png"), ("standard", "aligned", "aligned --detach-uncond"),
+                lambda run: "aligned --detach-uncond" if "detach" in run else run.split("-")[0])
     print(f"wrote {R}/study_round2.md and the figures and csv file beside it")
 
 

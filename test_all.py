@@ -2766,6 +2766,9 @@ def test_study_second_round_report_gives_each_seed_the_spread_and_the_paired_dif
     fids = {"standard": (90, 80), "standard-seed1": (94, 82), "aligned-w2": (95, 84), "aligned-w2-seed1": (97, 83),
             "aligned-w2-detach": (93, 81), "aligned-w0.5": (91, 80.5)}
     rows = [_study_row(f"{out}/{run}/ckpt.pt", w_eff, f) for run, pair in fids.items() for w_eff, f in zip((0, 1), pair)]
+    rows += [_study_row(f"{out}/ft-aligned-w2-seed1/ckpt.pt", 1, 70),
+             _study_row(f"{out}/standard-1.5x-seed1/ckpt.pt", 1, 66),
+             _study_row(f"{out}/standard-2x/ckpt-0002400.pt", 1, 64)]  # fine-tuning's equal-compute partner at 3N/2
     (out / "round2").mkdir(parents=True)
     sweep.write_results(out / "round2" / "results.csv", rows)
     (out / "stages.tsv").write_text("r2_seed0\t120\tx\nfinal_gf\t60\tx\nr2_seed1 (stopped)\t60\tx\nr2_seed1\t60\tx\n")
@@ -2779,7 +2782,8 @@ def test_study_second_round_report_gives_each_seed_the_spread_and_the_paired_dif
     assert "ft-aligned-w2 - ft-standard" not in md and "| ft-standard, 0" not in md  # no cell: no row
     assert "| aligned-w2 | 95.0 | 84.0 |\n| aligned-w2-detach | 93.0 | 81.0 |" in md
     assert "| standard | 90.0 | 80.0 |\n| aligned-w0.5 | 91.0 | 80.5 |\n| aligned-w2 | 95.0 | 84.0 |" in md  # by w_t
-    assert "fine-tuning" not in md  # no fine-tuned run yet: no table
+    assert "| standard-1.5x, 1 | 64.0 | 66.0 |  | 65.0 | 64.0-66.0 |" in md  # seed 0's is a checkpoint of the 2N run
+    assert "| ft-aligned-w2 - standard-1.5x, 1 |  | +4.0 |  | +4.0 |" in md
     assert "| r2_seed1 | 2.0 |" in md and "| all | 4.0 |" in md and "final_gf" not in md  # this round's stages only
     assert (tmp_path / "r" / "study_round2.csv").read_text() == (out / "round2" / "results.csv").read_text()
 
