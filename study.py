@@ -217,6 +217,12 @@ def second_round(a, W="W"):
              ("r2_train_detach_4x", train(a, "aligned-w2-detach-4x", "aligned", 4 * N, w="2", detach_uncond=True)),
              ("r2_long_detach", sweep(a, "round2", [f"aligned-w2-detach-4x@{2 * N}", "aligned-w2-detach-4x"],
                                       "--w-eff", "0,1", "--steps", steps))]
+    # fine-tuning changed the verdict at w_eff 3 beyond the seed spread, so its detached variant at seeds 1 and 2 too
+    for seed in ("1", "2"):
+        half = f"{S}/standard-seed{seed}/ckpt-{N // 2:07d}.pt"
+        plan.append((f"r2_train_ft_detach_seed{seed}", train(a, f"ft-aligned-w2-detach-seed{seed}", "aligned", N // 2,
+                                                            w="2", detach_uncond=True, init_from=half, seed=seed)))
+    plan.append(("r2_ft_detach_seeds", cells("ft-aligned-w2-detach-seed1", "ft-aligned-w2-detach-seed2")))
     return plan
 
 
@@ -481,14 +487,15 @@ def wall_times(times):
 def seed_runs(N):
     """{loss: its runs at training seeds 0, 1, 2}; seed 0 of standard at 3N/2 is a checkpoint of the run to 2N."""
     runs = {loss: [loss, f"{loss}-seed1", f"{loss}-seed2"]
-            for loss in ("standard", "aligned-w2", "aligned-w2-detach", "ft-standard", "ft-aligned-w2")}
+            for loss in ("standard", "aligned-w2", "aligned-w2-detach", "ft-standard", "ft-aligned-w2",
+                         "ft-aligned-w2-detach")}
     return {**runs, "standard-1.5x": [f"standard-2x@{3 * N // 2}", "standard-1.5x-seed1", "standard-1.5x-seed2"]}
 
 
 # the pairs whose difference per seed the report gives: each variant against its control at equal steps, and
 # fine-tuning against standard at equal compute
 PAIRS = [("aligned-w2", "standard"), ("aligned-w2-detach", "standard"), ("ft-aligned-w2", "ft-standard"),
-         ("ft-aligned-w2", "standard-1.5x")]
+         ("ft-aligned-w2-detach", "ft-standard"), ("ft-aligned-w2", "standard-1.5x")]
 
 
 def ablations(N):
@@ -500,8 +507,8 @@ def ablations(N):
             (f"fine-tuning the standard model of step {N // 2} for {N // 2} steps, beside standard at {N} and at "
              f"{3 * N // 2} (equal compute)",
              ["standard", "ft-standard", "ft-aligned-w2", "ft-aligned-w2-detach", f"standard-2x@{3 * N // 2}",
-              "ft-standard-seed1", "ft-aligned-w2-seed1", "standard-1.5x-seed1", "ft-standard-seed2",
-              "ft-aligned-w2-seed2", "standard-1.5x-seed2"]),
+              "ft-standard-seed1", "ft-aligned-w2-seed1", "ft-aligned-w2-detach-seed1", "standard-1.5x-seed1",
+              "ft-standard-seed2", "ft-aligned-w2-seed2", "ft-aligned-w2-detach-seed2", "standard-1.5x-seed2"]),
             ("the dose-response in w_t (w_t = 0 is the standard loss)",
              ["standard", "aligned-w0.5", "aligned-w1", "aligned-w2", "aligned-w4"]),
             (f"longer training: {N}, {2 * N}, {4 * N} and {8 * N} steps", list(long_steps(N)))]

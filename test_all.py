@@ -2747,7 +2747,8 @@ def test_study_second_round_builds_on_the_first_rounds_stages_and_varies_one_thi
              ["--init-from", "runs/s/standard-seed2/ckpt-0000800.pt", "--iters", "800"]),
             ("r2_train_standard_8x", "r2_train_standard_4x", ["12800"]),
             ("r2_train_standard_1.5x_seed1", "r2_train_standard_seed1", ["2400"]),
-            ("r2_train_detach_4x", "r2_train_aligned_4x", ["--detach-uncond"])]:
+            ("r2_train_detach_4x", "r2_train_aligned_4x", ["--detach-uncond"]),
+            ("r2_train_ft_detach_seed1", "r2_train_ft_aligned_seed1", ["--detach-uncond"])]:
         cmd = plan[name]
         assert [x for x in cmd if x not in plan[base]] == [x for x in changed if x not in plan[base]] + [cmd[-1]], name
     # a continued run starts from a copy of its base run's last checkpoint, so the base keeps its own cells
@@ -2891,7 +2892,7 @@ def test_study_second_round_lists_the_command_lines_of_results_md(tmp_path, monk
     _study_fake_speed(monkeypatch)
     study.main(["--round", "2", "--data", "data/cifar10-jpeg/train", "--test", "data/cifar10-jpeg/test", "--list"])
     listed = _study_listed(capsys.readouterr().out)
-    assert len(documented) == 48 and list(listed.items()) == list(documented.items())
+    assert len(documented) == 51 and list(listed.items()) == list(documented.items())
 
 
 def test_study_gpu_preset_is_the_papers_scale_and_predicts_its_cost_before_it_starts(tmp_path, monkeypatch, capsys):
