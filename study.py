@@ -223,6 +223,13 @@ def second_round(a, W="W"):
         plan.append((f"r2_train_ft_detach_seed{seed}", train(a, f"ft-aligned-w2-detach-seed{seed}", "aligned", N // 2,
                                                             w="2", detach_uncond=True, init_from=half, seed=seed)))
     plan.append(("r2_ft_detach_seeds", cells("ft-aligned-w2-detach-seed1", "ft-aligned-w2-detach-seed2")))
+    # every seed of these runs had its best FID at w_eff 3, the largest swept: one cell further out says whether
+    # each one's best lies beyond it
+    seeds = seed_runs(N)
+    plan += [(f"r2_{name}", sweep(a, "round2", [run for loss in losses for run in seeds[loss]], "--w-eff", "5",
+                                  "--steps", steps))
+             for name, losses in [("strong_ft", ("ft-standard", "ft-aligned-w2", "standard-1.5x")),
+                                  ("strong", ("standard", "aligned-w2-detach"))]]
     return plan
 
 

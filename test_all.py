@@ -2755,6 +2755,8 @@ def test_study_second_round_builds_on_the_first_rounds_stages_and_varies_one_thi
     assert plan["r2_copy_standard_1.5x_seed2"] == ["cp", "runs/s/standard-seed2/ckpt.pt",
                                                    "runs/s/standard-1.5x-seed2/ckpt.pt"]
     assert plan["r2_copy_detach_4x"] == ["cp", "runs/s/aligned-w2-detach/ckpt.pt", "runs/s/aligned-w2-detach-4x/ckpt.pt"]
+    assert plan["r2_strong_ft"][plan["r2_strong_ft"].index("--w-eff"):][:2] == ["--w-eff", "5"]  # past w_eff 3
+    assert "runs/s/standard-2x/ckpt-0002400.pt" in plan["r2_strong_ft"] and "runs/s/standard-seed2/ckpt.pt" in plan["r2_strong"]
     _study_fake_speed(monkeypatch)
     study.main(["--round", "2", "--list", "--out", "runs/s", "--data", "cifar10"])
     listed = capsys.readouterr().out.splitlines()
@@ -2892,7 +2894,7 @@ def test_study_second_round_lists_the_command_lines_of_results_md(tmp_path, monk
     _study_fake_speed(monkeypatch)
     study.main(["--round", "2", "--data", "data/cifar10-jpeg/train", "--test", "data/cifar10-jpeg/test", "--list"])
     listed = _study_listed(capsys.readouterr().out)
-    assert len(documented) == 51 and list(listed.items()) == list(documented.items())
+    assert len(documented) == 53 and list(listed.items()) == list(documented.items())
 
 
 def test_study_gpu_preset_is_the_papers_scale_and_predicts_its_cost_before_it_starts(tmp_path, monkeypatch, capsys):
