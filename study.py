@@ -58,8 +58,6 @@ PRESETS = {
                  stages=("ref", "train_standard", "final_standard", "copy_standard", "train_standard_2x")),
 }
 MODELS = ["standard", "aligned-w2", "guidance-free", "standard-2x"]
-# the second round's best aligned variant from scratch, continued to 4N, and its train.py flags
-LONG_ALIGNED, LONG_FLAGS = "aligned-w2", {"w": "2"}
 DAY = 24 * 3600  # a plan longer than this on this device starts only with --yes
 
 
@@ -160,6 +158,13 @@ def second_round(a, W="W"):
     steps = str(PRESETS[a.preset]["steps"])
     cells = lambda *runs: sweep(a, "round2", runs, "--w-eff", "0,1,3", "--steps", steps)
     half = f"{S}/standard/ckpt-{N // 2:07d}.pt"  # fine-tuning starts from the standard model at N/2
+
+    def continued(tag, base, run, loss, iters, **flags):
+        """Two stages: copy base's last checkpoint into run's folder, then train run on from it to iters steps, so
+        that base keeps its own checkpoint and cells."""
+        return [(f"r2_copy_{tag}", ["cp", f"{S}/{base}/ckpt.pt", f"{S}/{run}/ckpt.pt"]),
+                (f"r2_train_{tag}", train(a, run, loss, iters, **flags))]
+
     plan = [(name, first[name]) for name in ("ref", "train_standard", "train_aligned")]
     plan.append(("r2_seed0", cells("standard", "aligned-w2")))
     for seed in ("1", "2"):  # a seed is the initial weights, the data order and every draw of noise and dropout
@@ -179,13 +184,10 @@ def second_round(a, W="W"):
     for w_t in ("0.5", "1", "4"):
         plan += [(f"r2_train_aligned_w{w_t}", train(a, f"aligned-w{w_t}", "aligned", w=w_t)),
                  (f"r2_wt{w_t}", cells(f"aligned-w{w_t}"))]
-    long = train(a, f"{LONG_ALIGNED}-4x", "aligned", 4 * N, **LONG_FLAGS)
-    plan += [("r2_copy_standard_4x", ["cp", f"{S}/standard-2x/ckpt.pt", f"{S}/standard-4x/ckpt.pt"]),
-             ("r2_train_standard_4x", train(a, "standard-4x", "standard", 4 * N)),
-             ("r2_copy_aligned_4x", ["cp", f"{S}/{LONG_ALIGNED}/ckpt.pt", f"{S}/{LONG_ALIGNED}-4x/ckpt.pt"]),
-             ("r2_train_aligned_4x", long),
-             ("r2_long", sweep(a, "round2", ["standard-2x", "standard-4x", f"{LONG_ALIGNED}-4x@{2 * N}",
-                                              f"{LONG_ALIGNED}-4x"], "--w-eff", "0,1", "--steps", steps))]
+    plan += [*continued("standard_4x", "standard-2x", "standard-4x", "standard", 4 * N),
+             *continued("aligned_4x", "aligned-w2", "aligned-w2-4x", "aligned", 4 * N, w="2"),
+             ("r2_long", sweep(a, "round2", ["standard-2x", "standard-4x", f"aligned-w2-4x@{2 * N}", "aligned-w2-4x"],
+                               "--w-eff", "0,1", "--steps", steps))]
     # the conditional stages, added once the stages above were read (RESULTS.md, "Second round"): --detach-uncond at
     # the two seeds where plain aligned trails (seed 0 is the one where it does not), the equal-compute partner of
     # aligned at 4N (standard at 8N, since aligned at 4N is within the seed spread at w_eff 1), and fine-tuning at
@@ -194,8 +196,7 @@ def second_round(a, W="W"):
         plan.append((f"r2_train_detach_seed{seed}", train(a, f"aligned-w2-detach-seed{seed}", "aligned", w="2",
                                                           detach_uncond=True, seed=seed)))
     plan += [("r2_detach_seeds", cells("aligned-w2-detach-seed1", "aligned-w2-detach-seed2")),
-             ("r2_copy_standard_8x", ["cp", f"{S}/standard-4x/ckpt.pt", f"{S}/standard-8x/ckpt.pt"]),
-             ("r2_train_standard_8x", train(a, "standard-8x", "standard", 8 * N)),
+             *continued("standard_8x", "standard-4x", "standard-8x", "standard", 8 * N),
              ("r2_long_8x", sweep(a, "round2", ["standard-8x"], "--w-eff", "0,1", "--steps", steps))]
     for seed in ("1", "2"):
         half = f"{S}/standard-seed{seed}/ckpt-{N // 2:07d}.pt"
@@ -208,13 +209,11 @@ def second_round(a, W="W"):
     # at 3N/2) at seeds 1 and 2; --detach-uncond beats plain aligned in every paired cell, so it is the aligned run
     # continued to 4N as well (its equal-compute partner, standard at 8N, has run)
     for seed in ("1", "2"):
-        plan += [(f"r2_copy_standard_1.5x_seed{seed}", ["cp", f"{S}/standard-seed{seed}/ckpt.pt",
-                                                         f"{S}/standard-1.5x-seed{seed}/ckpt.pt"]),
-                 (f"r2_train_standard_1.5x_seed{seed}", train(a, f"standard-1.5x-seed{seed}", "standard", 3 * N // 2,
-                                                              seed=seed))]
+        plan += continued(f"standard_1.5x_seed{seed}", f"standard-seed{seed}", f"standard-1.5x-seed{seed}",
+                          "standard", 3 * N // 2, seed=seed)
     plan += [("r2_ft_equal_compute", cells("standard-1.5x-seed1", "standard-1.5x-seed2")),
-             ("r2_copy_detach_4x", ["cp", f"{S}/aligned-w2-detach/ckpt.pt", f"{S}/aligned-w2-detach-4x/ckpt.pt"]),
-             ("r2_train_detach_4x", train(a, "aligned-w2-detach-4x", "aligned", 4 * N, w="2", detach_uncond=True)),
+             *continued("detach_4x", "aligned-w2-detach", "aligned-w2-detach-4x", "aligned", 4 * N, w="2",
+                        detach_uncond=True),
              ("r2_long_detach", sweep(a, "round2", [f"aligned-w2-detach-4x@{2 * N}", "aligned-w2-detach-4x"],
                                       "--w-eff", "0,1", "--steps", steps))]
     # fine-tuning changed the verdict at w_eff 3 beyond the seed spread, so its detached variant at seeds 1 and 2 too
@@ -507,15 +506,13 @@ PAIRS = [("aligned-w2", "standard"), ("aligned-w2-detach", "standard"), ("ft-ali
 
 def ablations(N):
     """(title, runs) of the second round's tables of every figure, the reference runs (standard, aligned-w2) among them."""
-    return [("training seeds", ["standard", "standard-seed1", "standard-seed2", "aligned-w2", "aligned-w2-seed1",
-                                "aligned-w2-seed2"]),
-            ("the gradient into eps(z, null)", ["aligned-w2", "aligned-w2-detach", "aligned-w2-seed1",
-                                                "aligned-w2-detach-seed1", "aligned-w2-seed2", "aligned-w2-detach-seed2"]),
+    seeds = seed_runs(N)
+    by_seed = lambda *losses: [seeds[loss][i] for i in range(3) for loss in losses]  # each seed's runs side by side
+    return [("training seeds", seeds["standard"] + seeds["aligned-w2"]),
+            ("the gradient into eps(z, null)", by_seed("aligned-w2", "aligned-w2-detach")),
             (f"fine-tuning the standard model of step {N // 2} for {N // 2} steps, beside standard at {N} and at "
              f"{3 * N // 2} (equal compute)",
-             ["standard", "ft-standard", "ft-aligned-w2", "ft-aligned-w2-detach", f"standard-2x@{3 * N // 2}",
-              "ft-standard-seed1", "ft-aligned-w2-seed1", "ft-aligned-w2-detach-seed1", "standard-1.5x-seed1",
-              "ft-standard-seed2", "ft-aligned-w2-seed2", "ft-aligned-w2-detach-seed2", "standard-1.5x-seed2"]),
+             ["standard", *by_seed("ft-standard", "ft-aligned-w2", "ft-aligned-w2-detach", "standard-1.5x")]),
             ("the dose-response in w_t (w_t = 0 is the standard loss)",
              ["standard", "aligned-w0.5", "aligned-w1", "aligned-w2", "aligned-w4"]),
             (f"longer training: {N}, {2 * N}, {4 * N} and {8 * N} steps", list(long_steps(N)))]
@@ -525,7 +522,7 @@ def long_steps(N):
     """{run: its training step} of the longer-training runs, standard's and both aligned variants', in the order of
     their curves."""
     return {"standard": N, "standard-2x": 2 * N, "standard-4x": 4 * N, "standard-8x": 8 * N,
-            "aligned-w2": N, f"{LONG_ALIGNED}-4x@{2 * N}": 2 * N, f"{LONG_ALIGNED}-4x": 4 * N,
+            "aligned-w2": N, f"aligned-w2-4x@{2 * N}": 2 * N, "aligned-w2-4x": 4 * N,
             "aligned-w2-detach": N, f"aligned-w2-detach-4x@{2 * N}": 2 * N, "aligned-w2-detach-4x": 4 * N}
 
 
